@@ -1,0 +1,1409 @@
+//! The controller: [`TieredCache`] keeps the index, the tiers and the policies that move
+//! blocks between them.
+//!
+//! # Locking design
+//!
+//! All bookkeeping (the radix index, one eviction policy per tier, occupancy counters,
+//! leases) sits behind one `parking_lot::RwLock`. Lookups take it shared; everything that
+//! changes bookkeeping takes it exclusive for a few microseconds. **No lock is held across
+//! tier I/O**: an operation decides under the lock, pins what it will touch, drops the lock,
+//! does the I/O, and takes the lock again to record the outcome. Pins are what keep a block
+//! alive while no lock is held:
+//!
+//! - a reader pins the pages it will read before releasing the lock; a pinned page is never
+//!   evicted, so its handle stays valid until the [`PinGuard`] is dropped (also when the
+//!   future that holds it is cancelled);
+//! - a writer reserves room in a tier (the occupancy counter) under the lock, writes without
+//!   it, and records the handle under it; a store into the middle of the tree pins the
+//!   existing prefix so that the new pages still have their parent when they are recorded;
+//! - tier handles are freed only after the lock is dropped, and only once no pin covers
+//!   them.
+//!
+//! Per-tier counters (hits, bytes, evictions) are atomics outside the lock.
+
+use std::collections::{BinaryHeap, HashMap};
+use std::cmp::Reverse;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::CacheError;
+use crate::eviction::{EvictionKind, EvictionPolicy};
+use crate::index::{MAX_TIERS, NodeId, PageId, RadixIndex};
+use crate::namespace::{BlockKey, Namespace};
+use crate::tier::{BlockHandle, Tier, TierId, TierKind};
+
+/// When blocks are copied down to slower tiers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WritePolicy {
+    /// Copy every new block to every lower tier as part of the store.
+    WriteThrough,
+    /// Copy a block down once it has been used `hits` times.
+    WriteThroughSelective {
+        /// Uses before the copy.
+        hits: u32,
+    },
+    /// Copy a block down only when it is evicted from its last tier above.
+    WriteBack,
+}
+
+impl Default for WritePolicy {
+    fn default() -> Self {
+        WritePolicy::WriteThroughSelective { hits: 2 }
+    }
+}
+
+/// One tier of a cache and how much of it the cache may use.
+pub struct TierSpec {
+    /// The storage.
+    pub tier: Arc<dyn Tier>,
+    /// Bytes of the tier the cache may fill; at least one block, at most the tier's size.
+    pub capacity_bytes: u64,
+    /// Eviction order for this tier.
+    pub eviction: EvictionKind,
+}
+
+/// Cache-wide settings.
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    /// Tokens per page; every namespace of this cache uses it.
+    pub page_size: u32,
+    /// Copy-down policy.
+    pub write_policy: WritePolicy,
+    /// New blocks are stored in this tier first (usually 0).
+    pub insert_tier: TierId,
+    /// Most tokens one call may carry.
+    pub max_tokens_per_call: usize,
+    /// Longest lease a caller may ask for.
+    pub max_lease: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            page_size: 64,
+            write_policy: WritePolicy::default(),
+            insert_tier: TierId(0),
+            max_tokens_per_call: 1 << 20,
+            max_lease: Duration::from_secs(600),
+        }
+    }
+}
+
+/// How a prefetch decides it is done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefetchPolicy {
+    /// Use whatever has arrived when [`PrefetchTicket::finish`] is called; the rest stops.
+    BestEffort,
+    /// [`PrefetchTicket::finish`] waits until every page has arrived.
+    WaitComplete,
+    /// Stop copying at a deadline of `base + per_page × pages` after the start.
+    Timeout {
+        /// Fixed part of the deadline.
+        base: Duration,
+        /// Part that grows with the prefix length.
+        per_page: Duration,
+    },
+}
+
+/// A registered namespace, as calls name it.
+#[derive(Clone, Debug)]
+pub struct NamespaceHandle {
+    ns: Arc<Namespace>,
+    root_key: BlockKey,
+    root: NodeId,
+}
+
+impl NamespaceHandle {
+    /// The namespace.
+    pub fn namespace(&self) -> &Namespace {
+        &self.ns
+    }
+
+    /// Its root key (the namespace id).
+    pub fn id(&self) -> BlockKey {
+        self.root_key
+    }
+}
+
+/// What a lookup found.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LookupResult {
+    /// Whole pages of the request that the cache holds, from the start.
+    pub matched_pages: usize,
+    /// Pages of the request (whole pages only).
+    pub requested_pages: usize,
+    /// For each tier, how many of the matched pages it holds.
+    pub resident: Vec<u32>,
+    /// Estimated time to read the matched pages from the fastest tiers holding them, from
+    /// measured bandwidth; `None` until every tier involved has been measured.
+    pub estimated_load: Option<Duration>,
+}
+
+/// What a store did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InsertReport {
+    /// Pages in the request.
+    pub pages: usize,
+    /// Pages that were already cached.
+    pub existing: usize,
+    /// Pages written by this call.
+    pub stored: usize,
+}
+
+/// What a read returned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReadReport {
+    /// Pages matched when the read started.
+    pub matched: usize,
+    /// Leading pages whose bytes were delivered.
+    pub read: usize,
+    /// For each tier, how many pages were read from it.
+    pub from_tier: Vec<u32>,
+}
+
+/// Counters of one tier.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TierStats {
+    /// Kind of storage.
+    pub kind: Option<TierKind>,
+    /// Matched pages this tier held, counted at lookup.
+    pub hits: u64,
+    /// Requested pages this tier did not hold, counted at lookup.
+    pub misses: u64,
+    /// Bytes written into the tier.
+    pub bytes_in: u64,
+    /// Bytes read from the tier.
+    pub bytes_out: u64,
+    /// Pages evicted from the tier.
+    pub evictions: u64,
+    /// Pages copied from this tier to the next one down on eviction.
+    pub demotions: u64,
+    /// Reads that failed (corrupt or I/O error); each is a miss.
+    pub read_errors: u64,
+    /// Bytes resident now.
+    pub resident_bytes: u64,
+    /// Bytes pinned or leased now.
+    pub pinned_bytes: u64,
+    /// Bytes the cache may fill.
+    pub capacity_bytes: u64,
+}
+
+/// Counters of the whole cache.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Per tier, fastest first.
+    pub tiers: Vec<TierStats>,
+    /// Lookups served.
+    pub lookups: u64,
+    /// Pages in the tree.
+    pub pages: u64,
+    /// Tree nodes, roots included.
+    pub nodes: u64,
+    /// Leases held.
+    pub leases: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    evictions: AtomicU64,
+    demotions: AtomicU64,
+    read_errors: AtomicU64,
+}
+
+struct Lease {
+    pages: Vec<PageId>,
+    deadline: u64,
+}
+
+struct State {
+    index: RadixIndex,
+    policies: Vec<Box<dyn EvictionPolicy>>,
+    /// Resident plus reserved blocks per tier.
+    occupancy: Vec<u64>,
+    /// Resident pages with at least one pin, per tier.
+    pinned: Vec<u64>,
+    leases: HashMap<u64, Lease>,
+    lease_deadlines: BinaryHeap<Reverse<(u64, u64)>>,
+    next_lease: u64,
+    namespaces: HashMap<BlockKey, NamespaceHandle>,
+    /// Pages that reached the selective write-through threshold.
+    copy_down: Vec<PageId>,
+}
+
+struct TierSlot {
+    tier: Arc<dyn Tier>,
+    cap_blocks: u64,
+    counters: Counters,
+}
+
+struct Inner {
+    state: RwLock<State>,
+    tiers: Vec<TierSlot>,
+    config: CacheConfig,
+    block_bytes: usize,
+    clock: Arc<dyn Clock>,
+    lookups: AtomicU64,
+}
+
+/// The tiered KV-block cache. Cheap to clone; every clone is the same cache.
+#[derive(Clone)]
+pub struct TieredCache {
+    inner: Arc<Inner>,
+}
+
+/// What to do with a victim.
+enum Victim {
+    Dropped(BlockHandle),
+    Demote { page: PageId, key: BlockKey, handle: BlockHandle },
+}
+
+impl State {
+    fn pin_page(&mut self, p: PageId) {
+        if self.index.pin(p) == 1 {
+            let r = self.index.page(p).resident;
+            for (t, c) in self.pinned.iter_mut().enumerate() {
+                *c += u64::from(r >> t & 1);
+            }
+        }
+    }
+
+    fn unpin_page(&mut self, p: PageId) {
+        if self.index.unpin(p) == 0 {
+            let r = self.index.page(p).resident;
+            for (t, c) in self.pinned.iter_mut().enumerate() {
+                *c -= u64::from(r >> t & 1);
+            }
+        }
+    }
+
+    fn make_resident(&mut self, p: PageId, t: TierId, h: BlockHandle) {
+        self.index.set_resident(p, t, h);
+        self.policies[t.0 as usize].insert(p);
+        if self.index.page(p).pins > 0 {
+            self.pinned[t.0 as usize] += 1;
+        }
+    }
+
+    /// Clears residency in `t`, releasing its occupancy. Removes the page from the tree if
+    /// it is resident nowhere else (it must then be an unpinned leaf).
+    fn drop_resident(&mut self, p: PageId, t: TierId) -> Option<BlockHandle> {
+        let h = self.index.clear_resident(p, t)?;
+        self.policies[t.0 as usize].remove(p);
+        self.occupancy[t.0 as usize] -= 1;
+        let info = self.index.page(p);
+        if info.pins > 0 {
+            self.pinned[t.0 as usize] -= 1;
+        }
+        if info.resident == 0 && info.pins == 0 && self.index.is_leaf(p) {
+            self.index.remove_leaf(p);
+        }
+        Some(h)
+    }
+
+    fn expire_leases(&mut self, now: u64) {
+        while let Some(&Reverse((deadline, id))) = self.lease_deadlines.peek() {
+            if deadline > now {
+                break;
+            }
+            self.lease_deadlines.pop();
+            if let Some(l) = self.leases.get(&id)
+                && l.deadline <= now
+                && let Some(l) = self.leases.remove(&id)
+            {
+                self.release_pages(&l.pages);
+            }
+        }
+    }
+
+    /// Unpins pages, then removes any that became unpinned, resident-nowhere leaves
+    /// (possible after a failed store).
+    fn release_pages(&mut self, pages: &[PageId]) {
+        for &p in pages.iter().rev() {
+            self.unpin_page(p);
+            let info = self.index.page(p);
+            if info.pins == 0 && info.resident == 0 && self.index.is_live(p) && self.index.is_leaf(p) {
+                self.index.remove_leaf(p);
+            }
+        }
+    }
+}
+
+impl TieredCache {
+    /// A cache over `tiers` (fastest first) using the real clock.
+    pub fn new(tiers: Vec<TierSpec>, config: CacheConfig) -> Result<Self, CacheError> {
+        Self::with_clock(tiers, config, Arc::new(SystemClock::new()))
+    }
+
+    /// A cache with an injected clock (tests move time by hand).
+    pub fn with_clock(
+        tiers: Vec<TierSpec>,
+        config: CacheConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, CacheError> {
+        if tiers.is_empty() || tiers.len() > MAX_TIERS {
+            return Err(CacheError::InvalidConfig(format!(
+                "a cache needs 1..={MAX_TIERS} tiers, got {}",
+                tiers.len()
+            )));
+        }
+        if !(crate::namespace::MIN_PAGE_SIZE..=crate::namespace::MAX_PAGE_SIZE)
+            .contains(&config.page_size)
+        {
+            return Err(CacheError::InvalidConfig(format!(
+                "page size {} is outside {}..={}",
+                config.page_size,
+                crate::namespace::MIN_PAGE_SIZE,
+                crate::namespace::MAX_PAGE_SIZE
+            )));
+        }
+        if config.insert_tier.0 as usize >= tiers.len() {
+            return Err(CacheError::UnknownTier(config.insert_tier));
+        }
+        if config.max_tokens_per_call < config.page_size as usize {
+            return Err(CacheError::InvalidConfig(
+                "max_tokens_per_call is smaller than one page".into(),
+            ));
+        }
+        if let WritePolicy::WriteThroughSelective { hits: 0 } = config.write_policy {
+            return Err(CacheError::InvalidConfig(
+                "write-through-selective needs a hit threshold of at least 1".into(),
+            ));
+        }
+        let block_bytes = tiers[0].tier.block_size();
+        let mut slots = Vec::with_capacity(tiers.len());
+        for (i, spec) in tiers.into_iter().enumerate() {
+            let id = TierId(i as u8);
+            let bs = spec.tier.block_size();
+            if bs != block_bytes || bs == 0 {
+                return Err(CacheError::InvalidConfig(format!(
+                    "tier {id} stores {bs} byte blocks, tier 0 stores {block_bytes}"
+                )));
+            }
+            let cap_blocks = spec.capacity_bytes / bs as u64;
+            if cap_blocks == 0 {
+                return Err(CacheError::InvalidConfig(format!(
+                    "tier {id}: capacity of {} bytes holds no {bs} byte block",
+                    spec.capacity_bytes
+                )));
+            }
+            if cap_blocks > spec.tier.capacity_blocks() {
+                return Err(CacheError::InvalidConfig(format!(
+                    "tier {id}: capacity of {} bytes exceeds the tier's {} blocks",
+                    spec.capacity_bytes,
+                    spec.tier.capacity_blocks()
+                )));
+            }
+            if cap_blocks >= u64::from(u32::MAX) {
+                return Err(CacheError::InvalidConfig(format!(
+                    "tier {id}: {cap_blocks} blocks is more than the index can address"
+                )));
+            }
+            slots.push((
+                TierSlot {
+                    tier: spec.tier,
+                    cap_blocks,
+                    counters: Counters::default(),
+                },
+                spec.eviction.build(),
+            ));
+        }
+        let n = slots.len();
+        let (tiers, policies): (Vec<_>, Vec<_>) = slots.into_iter().unzip();
+        let state = State {
+            index: RadixIndex::new(config.page_size as usize, n)?,
+            policies,
+            occupancy: vec![0; n],
+            pinned: vec![0; n],
+            leases: HashMap::new(),
+            lease_deadlines: BinaryHeap::new(),
+            next_lease: 1,
+            namespaces: HashMap::new(),
+            copy_down: Vec::new(),
+        };
+        Ok(TieredCache {
+            inner: Arc::new(Inner {
+                state: RwLock::new(state),
+                tiers,
+                config,
+                block_bytes,
+                clock,
+                lookups: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Block size of every tier.
+    pub fn block_bytes(&self) -> usize {
+        self.inner.block_bytes
+    }
+
+    /// Number of tiers.
+    pub fn tier_count(&self) -> usize {
+        self.inner.tiers.len()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CacheConfig {
+        &self.inner.config
+    }
+
+    /// Registers a namespace (idempotent) and returns the handle calls name it by.
+    pub fn register(&self, ns: &Namespace) -> Result<NamespaceHandle, CacheError> {
+        if ns.page_size() != self.inner.config.page_size {
+            return Err(CacheError::InvalidNamespace(format!(
+                "namespace page size {} differs from the cache's {}",
+                ns.page_size(),
+                self.inner.config.page_size
+            )));
+        }
+        if ns.block_bytes() != self.inner.block_bytes {
+            return Err(CacheError::NamespaceMismatch {
+                namespace: ns.block_bytes(),
+                tier: TierId(0),
+                tier_block: self.inner.block_bytes,
+            });
+        }
+        let root_key = ns.root_key();
+        let mut st = self.inner.state.write();
+        if let Some(h) = st.namespaces.get(&root_key) {
+            return Ok(h.clone());
+        }
+        let root = st.index.root(root_key)?;
+        let h = NamespaceHandle {
+            ns: Arc::new(ns.clone()),
+            root_key,
+            root,
+        };
+        st.namespaces.insert(root_key, h.clone());
+        Ok(h)
+    }
+
+    /// The handle of a registered namespace, by id.
+    pub fn namespace(&self, id: &BlockKey) -> Option<NamespaceHandle> {
+        self.inner.state.read().namespaces.get(id).cloned()
+    }
+
+    fn check_handle(&self, ns: &NamespaceHandle) -> Result<(), CacheError> {
+        let st = self.inner.state.read();
+        match st.namespaces.get(&ns.root_key) {
+            Some(h) if h.root == ns.root => Ok(()),
+            _ => Err(CacheError::UnknownNamespace(ns.root_key.to_hex())),
+        }
+    }
+
+    fn check_tokens(&self, tokens: &[u32], whole: bool) -> Result<(), CacheError> {
+        let limit = self.inner.config.max_tokens_per_call;
+        if tokens.len() > limit {
+            return Err(CacheError::TooManyTokens {
+                tokens: tokens.len(),
+                limit,
+            });
+        }
+        let ps = self.inner.config.page_size;
+        if whole && tokens.len() % ps as usize != 0 {
+            return Err(CacheError::PartialPage {
+                tokens: tokens.len(),
+                page_size: ps,
+            });
+        }
+        Ok(())
+    }
+
+    fn tier(&self, t: TierId) -> Result<&TierSlot, CacheError> {
+        self.inner
+            .tiers
+            .get(t.0 as usize)
+            .ok_or(CacheError::UnknownTier(t))
+    }
+
+    fn now(&self) -> u64 {
+        self.inner.clock.now_nanos()
+    }
+
+    /// Longest cached prefix of `tokens` (a trailing partial page is ignored), with how many
+    /// of its pages each tier holds. Takes the lock shared and changes nothing but counters.
+    pub fn lookup(&self, ns: &NamespaceHandle, tokens: &[u32]) -> Result<LookupResult, CacheError> {
+        self.check_tokens(tokens, false)?;
+        let m = {
+            let st = self.inner.state.read();
+            match st.namespaces.get(&ns.root_key) {
+                Some(h) if h.root == ns.root => {}
+                _ => return Err(CacheError::UnknownNamespace(ns.root_key.to_hex())),
+            }
+            st.index.match_prefix(ns.root, tokens)
+        };
+        let requested = tokens.len() / self.inner.config.page_size as usize;
+        self.inner.lookups.fetch_add(1, Ordering::Relaxed);
+        let n = self.inner.tiers.len();
+        let mut est = Some(Duration::ZERO);
+        let mut remaining = m.pages as u64;
+        for (t, slot) in self.inner.tiers.iter().enumerate() {
+            let have = u64::from(m.resident[t]);
+            slot.counters.hits.fetch_add(have, Ordering::Relaxed);
+            slot.counters
+                .misses
+                .fetch_add(requested as u64 - have, Ordering::Relaxed);
+            // Greedy: pages come from the fastest tier that holds them.
+            let take = have.min(remaining);
+            remaining -= take;
+            if take > 0 {
+                est = match (est, slot.tier.bandwidth().read_bps) {
+                    (Some(e), Some(bps)) => Some(
+                        e + Duration::from_secs_f64(take as f64 * self.inner.block_bytes as f64 / bps),
+                    ),
+                    _ => None,
+                };
+            }
+        }
+        Ok(LookupResult {
+            matched_pages: m.pages,
+            requested_pages: requested,
+            resident: m.resident[..n].to_vec(),
+            estimated_load: est,
+        })
+    }
+
+    /// Stores the pages of `tokens` (a whole number of pages) with their blocks, one per
+    /// page. Pages already cached are left as they are. New blocks go to the insert tier,
+    /// evicting as needed, and, with write-through, to every lower tier too.
+    pub async fn insert(
+        &self,
+        ns: &NamespaceHandle,
+        tokens: &[u32],
+        blocks: &[&[u8]],
+    ) -> Result<InsertReport, CacheError> {
+        self.check_tokens(tokens, true)?;
+        let ps = self.inner.config.page_size as usize;
+        let pages = tokens.len() / ps;
+        if blocks.len() != pages {
+            return Err(CacheError::BlockCount {
+                pages,
+                blocks: blocks.len(),
+            });
+        }
+        for (i, b) in blocks.iter().enumerate() {
+            if b.len() != self.inner.block_bytes {
+                return Err(CacheError::BlockSize {
+                    index: i,
+                    got: b.len(),
+                    expected: self.inner.block_bytes,
+                });
+            }
+        }
+        self.check_handle(ns)?;
+        let t = self.inner.config.insert_tier;
+        // 1. Which pages are missing; pin the existing prefix so it outlives our writes.
+        let prefix = {
+            let now = self.now();
+            let mut st = self.inner.state.write();
+            st.expire_leases(now);
+            let m = st.index.match_prefix(ns.root, tokens);
+            let path = st.index.path(m.end);
+            for &p in &path {
+                st.pin_page(p);
+            }
+            for &p in path.iter().rev() {
+                for tier in 0..self.inner.tiers.len() {
+                    st.policies[tier].touch(p);
+                }
+            }
+            PinGuard {
+                cache: self.clone(),
+                pages: path,
+            }
+        };
+        let existing = prefix.pages.len();
+        if existing == pages {
+            return Ok(InsertReport {
+                pages,
+                existing,
+                stored: 0,
+            });
+        }
+        // 2. Write the missing blocks into the insert tier.
+        let slot = self.tier(t)?;
+        let mut handles: Vec<BlockHandle> = Vec::with_capacity(pages - existing);
+        let keys = {
+            let mut prev = match prefix.pages.last() {
+                Some(&p) => self.inner.state.read().index.page(p).key,
+                None => ns.root_key,
+            };
+            tokens[existing * ps..]
+                .chunks_exact(ps)
+                .map(|page| {
+                    prev = prev.chain(page);
+                    prev
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut failure = None;
+        for (i, key) in keys.iter().enumerate() {
+            if let Err(e) = self.reserve(t).await {
+                failure = Some(e);
+                break;
+            }
+            match slot.tier.write(key, blocks[existing + i]).await {
+                Ok(h) => {
+                    slot.counters
+                        .bytes_in
+                        .fetch_add(self.inner.block_bytes as u64, Ordering::Relaxed);
+                    handles.push(h);
+                }
+                Err(e) => {
+                    self.inner.state.write().occupancy[t.0 as usize] -= 1;
+                    failure = Some(CacheError::Tier { tier: t, source: e });
+                    break;
+                }
+            }
+        }
+        // 3. Record what was written (only a contiguous run after the prefix is useful).
+        let stored_pages;
+        let stored_positions: Vec<usize>;
+        let mut to_free = Vec::new();
+        {
+            let now = self.now();
+            let mut st = self.inner.state.write();
+            let written = existing + handles.len();
+            let ins = st
+                .index
+                .insert(ns.root, ns.root_key, &tokens[..written * ps], now)?;
+            // Another caller may have stored some of the same pages meanwhile.
+            // Another caller may have stored some of the same pages meanwhile; a lost page
+            // (resident nowhere) takes our copy.
+            let mut stored = Vec::with_capacity(handles.len());
+            for (i, &h) in handles.iter().enumerate() {
+                let pos = existing + i;
+                let p = ins.pages[pos];
+                if pos < ins.first_new && st.index.page(p).resident != 0 {
+                    to_free.push(h);
+                    st.occupancy[t.0 as usize] -= 1;
+                } else {
+                    st.make_resident(p, t, h);
+                    stored.push(pos);
+                }
+            }
+            for &pos in stored.iter().rev() {
+                st.policies[t.0 as usize].touch(ins.pages[pos]);
+            }
+            stored_pages = stored.iter().map(|&pos| ins.pages[pos]).collect::<Vec<_>>();
+            stored_positions = stored;
+            for &p in &stored_pages {
+                st.pin_page(p);
+            }
+        }
+        for h in to_free {
+            slot.tier.free(h);
+        }
+        let new_guard = PinGuard {
+            cache: self.clone(),
+            pages: stored_pages,
+        };
+        drop(prefix);
+        // 4. Write-through copies to every lower tier, from the caller's bytes.
+        if self.inner.config.write_policy == WritePolicy::WriteThrough {
+            for lower in (t.0 as usize + 1)..self.inner.tiers.len() {
+                for (&p, &pos) in new_guard.pages.iter().zip(&stored_positions) {
+                    let key = self.inner.state.read().index.page(p).key;
+                    if self
+                        .copy_into(p, key, TierId(lower as u8), blocks[pos])
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        let stored = new_guard.pages.len();
+        drop(new_guard);
+        self.run_copy_down().await;
+        match failure {
+            Some(e) if stored == 0 => Err(e),
+            _ => Ok(InsertReport {
+                pages,
+                existing,
+                stored,
+            }),
+        }
+    }
+
+    /// Writes `data` (the bytes of pinned page `p`) into tier `t` and records it there.
+    async fn copy_into(&self, p: PageId, key: BlockKey, t: TierId, data: &[u8]) -> Result<(), CacheError> {
+        {
+            let mut st = self.inner.state.write();
+            if !st.index.is_live(p) || st.index.handle(p, t).is_some() || st.index.is_pending(p, t) {
+                return Ok(());
+            }
+            st.index.set_pending(p, t, true);
+        }
+        let res = async {
+            self.reserve(t).await?;
+            let slot = self.tier(t)?;
+            match slot.tier.write(&key, data).await {
+                Ok(h) => {
+                    slot.counters
+                        .bytes_in
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    Ok(h)
+                }
+                Err(e) => {
+                    self.inner.state.write().occupancy[t.0 as usize] -= 1;
+                    Err(CacheError::Tier { tier: t, source: e })
+                }
+            }
+        }
+        .await;
+        let mut st = self.inner.state.write();
+        st.index.set_pending(p, t, false);
+        match res {
+            Ok(h) => {
+                if st.index.is_live(p) {
+                    st.make_resident(p, t, h);
+                    Ok(())
+                } else {
+                    st.occupancy[t.0 as usize] -= 1;
+                    drop(st);
+                    self.tier(t)?.tier.free(h);
+                    Ok(())
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reserves one block of room in tier `t`, evicting (and demoting) as needed.
+    fn reserve(&self, t: TierId) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CacheError>> + Send + '_>> {
+        Box::pin(async move {
+            let cap = self.tier(t)?.cap_blocks;
+            loop {
+                let victim = {
+                    let now = self.now();
+                    let mut st = self.inner.state.write();
+                    st.expire_leases(now);
+                    if st.occupancy[t.0 as usize] < cap {
+                        st.occupancy[t.0 as usize] += 1;
+                        return Ok(());
+                    }
+                    self.pick_victim(&mut st, t)?
+                };
+                self.handle_victim(t, victim).await?;
+            }
+        })
+    }
+
+    /// Chooses and detaches one victim from tier `t` (lock held).
+    fn pick_victim(&self, st: &mut State, t: TierId) -> Result<Victim, CacheError> {
+        let ti = t.0 as usize;
+        let State { index, policies, .. } = st;
+        let v = policies[ti]
+            .victim(&mut |p| {
+                let info = index.page(p);
+                info.pins == 0 && (info.resident & !(1 << ti) != 0 || index.is_leaf(p))
+            })
+            .ok_or(CacheError::TierFull(t))?;
+        let info = st.index.page(v);
+        let below = !((1u8 << (ti + 1)) - 1);
+        let demote = self.inner.config.write_policy == WritePolicy::WriteBack
+            && ti + 1 < self.inner.tiers.len()
+            && info.resident & below == 0;
+        if demote {
+            st.pin_page(v);
+            let handle = st.index.handle(v, t).ok_or(CacheError::TierFull(t))?;
+            Ok(Victim::Demote {
+                page: v,
+                key: info.key,
+                handle,
+            })
+        } else {
+            let h = st.drop_resident(v, t).ok_or(CacheError::TierFull(t))?;
+            self.inner.tiers[ti].counters.evictions.fetch_add(1, Ordering::Relaxed);
+            Ok(Victim::Dropped(h))
+        }
+    }
+
+    async fn handle_victim(&self, t: TierId, v: Victim) -> Result<(), CacheError> {
+        let slot = self.tier(t)?;
+        match v {
+            Victim::Dropped(h) => {
+                slot.tier.free(h);
+                Ok(())
+            }
+            Victim::Demote { page, key, handle } => {
+                let guard = PinGuard {
+                    cache: self.clone(),
+                    pages: vec![page],
+                };
+                let lower = TierId(t.0 + 1);
+                let mut buf = vec![0u8; self.inner.block_bytes];
+                let ok = match slot.tier.read(handle, &key, &mut buf).await {
+                    Ok(()) => {
+                        slot.counters
+                            .bytes_out
+                            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                        self.copy_into(page, key, lower, &buf).await.is_ok()
+                    }
+                    Err(_) => {
+                        slot.counters.read_errors.fetch_add(1, Ordering::Relaxed);
+                        false
+                    }
+                };
+                if ok {
+                    slot.counters.demotions.fetch_add(1, Ordering::Relaxed);
+                }
+                // Now evict from `t` whatever happened below (a failed demotion drops it).
+                let freed = {
+                    let mut st = self.inner.state.write();
+                    st.unpin_page(page);
+                    std::mem::forget(guard);
+                    let info = st.index.page(page);
+                    let still_evictable = st.index.is_live(page)
+                        && info.pins == 0
+                        && info.resident >> t.0 & 1 == 1
+                        && (info.resident & !(1 << t.0) != 0 || st.index.is_leaf(page));
+                    if still_evictable {
+                        slot.counters.evictions.fetch_add(1, Ordering::Relaxed);
+                        st.drop_resident(page, t)
+                    } else {
+                        None
+                    }
+                };
+                if let Some(h) = freed {
+                    slot.tier.free(h);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Evicts up to `pages` pages from tier `t` by its policy (demoting under write-back).
+    /// Returns how many left the tier.
+    pub async fn evict(&self, t: TierId, pages: usize) -> Result<usize, CacheError> {
+        self.tier(t)?;
+        let mut n = 0;
+        while n < pages {
+            let v = {
+                let now = self.now();
+                let mut st = self.inner.state.write();
+                st.expire_leases(now);
+                match self.pick_victim(&mut st, t) {
+                    Ok(v) => v,
+                    Err(CacheError::TierFull(_)) => break,
+                    Err(e) => return Err(e),
+                }
+            };
+            self.handle_victim(t, v).await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Pins the longest cached prefix of `tokens`, counting a use of each page. The pages
+    /// stay in every tier that holds them until the guard is dropped.
+    pub fn pin(&self, ns: &NamespaceHandle, tokens: &[u32]) -> Result<PinGuard, CacheError> {
+        self.check_tokens(tokens, false)?;
+        self.check_handle(ns)?;
+        let pages = self.acquire(ns, tokens, usize::MAX, true);
+        Ok(PinGuard {
+            cache: self.clone(),
+            pages,
+        })
+    }
+
+    /// Lock held inside: match, pin, count a use, touch the policies.
+    fn acquire(&self, ns: &NamespaceHandle, tokens: &[u32], max_pages: usize, hit: bool) -> Vec<PageId> {
+        let now = self.now();
+        let mut st = self.inner.state.write();
+        st.expire_leases(now);
+        let m = st.index.match_prefix(ns.root, tokens);
+        let mut pages = st.index.path(m.end);
+        pages.truncate(max_pages);
+        let threshold = match self.inner.config.write_policy {
+            WritePolicy::WriteThroughSelective { hits } => Some(hits),
+            _ => None,
+        };
+        let last_tier_bit = 1u8 << (self.inner.tiers.len() - 1);
+        // Deepest first, so that ancestors are always at least as recent as descendants.
+        for &p in pages.iter().rev() {
+            st.pin_page(p);
+            let hits = if hit { st.index.touch(p, now) } else { 0 };
+            let resident = st.index.page(p).resident;
+            for t in 0..self.inner.tiers.len() {
+                if resident >> t & 1 == 1 {
+                    st.policies[t].touch(p);
+                }
+            }
+            if threshold == Some(hits) && resident & last_tier_bit == 0 {
+                st.copy_down.push(p);
+            }
+        }
+        pages
+    }
+
+    /// Reads the blocks of the longest cached prefix of `tokens` into `out` (one buffer of
+    /// `block_bytes()` per page, at most `out.len()` pages), each from the fastest tier that
+    /// holds it. A block that fails its integrity check is dropped from that tier and read
+    /// from the next one; the read stops at the first page no tier can deliver.
+    pub async fn read(
+        &self,
+        ns: &NamespaceHandle,
+        tokens: &[u32],
+        out: &mut [Vec<u8>],
+    ) -> Result<ReadReport, CacheError> {
+        self.check_tokens(tokens, false)?;
+        self.check_handle(ns)?;
+        let guard = PinGuard {
+            cache: self.clone(),
+            pages: self.acquire(ns, tokens, out.len(), true),
+        };
+        let mut report = ReadReport {
+            matched: guard.pages.len(),
+            read: 0,
+            from_tier: vec![0; self.inner.tiers.len()],
+        };
+        'pages: for (i, &p) in guard.pages.iter().enumerate() {
+            let buf = &mut out[i];
+            buf.resize(self.inner.block_bytes, 0);
+            for ti in 0..self.inner.tiers.len() {
+                let t = TierId(ti as u8);
+                let (h, key) = {
+                    let st = self.inner.state.read();
+                    (st.index.handle(p, t), st.index.page(p).key)
+                };
+                let Some(h) = h else { continue };
+                let slot = &self.inner.tiers[ti];
+                match slot.tier.read(h, &key, buf).await {
+                    Ok(()) => {
+                        slot.counters
+                            .bytes_out
+                            .fetch_add(self.inner.block_bytes as u64, Ordering::Relaxed);
+                        report.from_tier[ti] += 1;
+                        report.read += 1;
+                        continue 'pages;
+                    }
+                    Err(_) => {
+                        slot.counters.read_errors.fetch_add(1, Ordering::Relaxed);
+                        self.discard_bad_copy(p, t);
+                    }
+                }
+            }
+            break;
+        }
+        drop(guard);
+        self.run_copy_down().await;
+        Ok(report)
+    }
+
+    /// Forgets a copy that failed to read (the page is pinned by the caller, so the tree
+    /// keeps it until the pin drops).
+    fn discard_bad_copy(&self, p: PageId, t: TierId) {
+        let h = {
+            let mut st = self.inner.state.write();
+            st.drop_resident(p, t)
+        };
+        if let Some(h) = h {
+            self.inner.tiers[t.0 as usize].tier.free(h);
+        }
+    }
+
+    /// Copies pages that reached the selective write-through threshold to every lower tier.
+    async fn run_copy_down(&self) {
+        let pending = std::mem::take(&mut self.inner.state.write().copy_down);
+        if pending.is_empty() {
+            return;
+        }
+        let mut buf = vec![0u8; self.inner.block_bytes];
+        for p in pending {
+            // Pin, find a source, copy to every tier below it.
+            let src = {
+                let mut st = self.inner.state.write();
+                if !st.index.is_live(p) {
+                    continue;
+                }
+                st.pin_page(p);
+                let info = st.index.page(p);
+                let top = info.resident.trailing_zeros() as usize;
+                (top < self.inner.tiers.len())
+                    .then(|| (TierId(top as u8), st.index.handle(p, TierId(top as u8)), info.key))
+            };
+            let guard = PinGuard {
+                cache: self.clone(),
+                pages: vec![p],
+            };
+            let Some((t, Some(h), key)) = src else { continue };
+            let slot = &self.inner.tiers[t.0 as usize];
+            if slot.tier.read(h, &key, &mut buf).await.is_err() {
+                slot.counters.read_errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            for lower in (t.0 as usize + 1)..self.inner.tiers.len() {
+                if self.copy_into(p, key, TierId(lower as u8), &buf).await.is_err() {
+                    break;
+                }
+            }
+            drop(guard);
+        }
+    }
+
+    /// Leases the longest cached prefix of `tokens` for `ttl`: its pages are not evicted
+    /// until [`TieredCache::release`] or the deadline. Returns the lease id and its pages.
+    pub fn lease(
+        &self,
+        ns: &NamespaceHandle,
+        tokens: &[u32],
+        ttl: Duration,
+    ) -> Result<(u64, usize), CacheError> {
+        if ttl.is_zero() {
+            return Err(CacheError::LeaseInPast { past_by_ms: 0 });
+        }
+        if ttl > self.inner.config.max_lease {
+            return Err(CacheError::InvalidConfig(format!(
+                "lease of {ttl:?} exceeds the maximum of {:?}",
+                self.inner.config.max_lease
+            )));
+        }
+        self.check_tokens(tokens, false)?;
+        self.check_handle(ns)?;
+        let pages = self.acquire(ns, tokens, usize::MAX, false);
+        let deadline = self.now() + ttl.as_nanos() as u64;
+        Ok(self.register_lease(pages, deadline))
+    }
+
+    /// Leases with an absolute deadline in clock nanoseconds.
+    pub fn lease_until(
+        &self,
+        ns: &NamespaceHandle,
+        tokens: &[u32],
+        deadline_nanos: u64,
+    ) -> Result<(u64, usize), CacheError> {
+        let now = self.now();
+        if deadline_nanos <= now {
+            return Err(CacheError::LeaseInPast {
+                past_by_ms: (now - deadline_nanos) / 1_000_000,
+            });
+        }
+        self.lease(ns, tokens, Duration::from_nanos(deadline_nanos - now))
+    }
+
+    fn register_lease(&self, pages: Vec<PageId>, deadline: u64) -> (u64, usize) {
+        let mut st = self.inner.state.write();
+        let id = st.next_lease;
+        st.next_lease += 1;
+        let n = pages.len();
+        st.leases.insert(id, Lease { pages, deadline });
+        st.lease_deadlines.push(Reverse((deadline, id)));
+        (id, n)
+    }
+
+    /// Ends a lease early.
+    pub fn release(&self, lease: u64) -> Result<(), CacheError> {
+        let mut st = self.inner.state.write();
+        let l = st.leases.remove(&lease).ok_or(CacheError::UnknownLease(lease))?;
+        st.release_pages(&l.pages);
+        Ok(())
+    }
+
+    /// Ends every lease whose deadline has passed. Happens on its own at every write; call
+    /// it to make expiry visible without other traffic.
+    pub fn expire_leases(&self) {
+        let now = self.now();
+        self.inner.state.write().expire_leases(now);
+    }
+
+    /// Starts promoting the longest cached prefix of `tokens` into tier `target`. The
+    /// matched pages are leased for `lease_ttl` at once. Drive the returned job (spawn it,
+    /// or await it); call [`PrefetchTicket::finish`] when the request is scheduled.
+    pub fn prefetch(
+        &self,
+        ns: &NamespaceHandle,
+        tokens: &[u32],
+        target: TierId,
+        policy: PrefetchPolicy,
+        lease_ttl: Duration,
+    ) -> Result<(PrefetchTicket, PrefetchJob), CacheError> {
+        self.tier(target)?;
+        let (lease, pages) = self.lease(ns, tokens, lease_ttl)?;
+        let page_ids = self.inner.state.read().leases.get(&lease).map(|l| l.pages.clone()).unwrap_or_default();
+        let deadline = match policy {
+            PrefetchPolicy::Timeout { base, per_page } => {
+                Some(Instant::now() + base + per_page.saturating_mul(pages as u32))
+            }
+            _ => None,
+        };
+        let shared = Arc::new(PrefetchShared {
+            ready: AtomicUsize::new(0),
+            total: pages,
+            stop: AtomicBool::new(false),
+            done: AtomicBool::new(false),
+            notify: tokio::sync::Notify::new(),
+            error: Mutex::new(None),
+        });
+        Ok((
+            PrefetchTicket {
+                shared: shared.clone(),
+                lease,
+                policy,
+            },
+            PrefetchJob {
+                cache: self.clone(),
+                pages: page_ids,
+                target,
+                deadline,
+                shared,
+            },
+        ))
+    }
+
+    /// Counters and occupancy.
+    pub fn stats(&self) -> CacheStats {
+        let st = self.inner.state.read();
+        let bb = self.inner.block_bytes as u64;
+        CacheStats {
+            tiers: self
+                .inner
+                .tiers
+                .iter()
+                .enumerate()
+                .map(|(t, s)| TierStats {
+                    kind: Some(s.tier.kind()),
+                    hits: s.counters.hits.load(Ordering::Relaxed),
+                    misses: s.counters.misses.load(Ordering::Relaxed),
+                    bytes_in: s.counters.bytes_in.load(Ordering::Relaxed),
+                    bytes_out: s.counters.bytes_out.load(Ordering::Relaxed),
+                    evictions: s.counters.evictions.load(Ordering::Relaxed),
+                    demotions: s.counters.demotions.load(Ordering::Relaxed),
+                    read_errors: s.counters.read_errors.load(Ordering::Relaxed),
+                    resident_bytes: st.policies[t].len() as u64 * bb,
+                    pinned_bytes: st.pinned[t] * bb,
+                    capacity_bytes: s.cap_blocks * bb,
+                })
+                .collect(),
+            lookups: self.inner.lookups.load(Ordering::Relaxed),
+            pages: st.index.len() as u64,
+            nodes: st.index.node_count() as u64,
+            leases: st.leases.len() as u64,
+        }
+    }
+
+    /// Checks the index's invariants and the controller's own (occupancy within capacity,
+    /// policy sizes equal residency). For tests and audits.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let st = self.inner.state.read();
+        st.index.check_invariants()?;
+        let mut resident = vec![0u64; self.inner.tiers.len()];
+        let mut pinned = vec![0u64; self.inner.tiers.len()];
+        for p in st.index.all_pages() {
+            let info = st.index.page(p);
+            for t in 0..resident.len() {
+                if info.resident >> t & 1 == 1 {
+                    resident[t] += 1;
+                    if info.pins > 0 {
+                        pinned[t] += 1;
+                    }
+                }
+            }
+        }
+        for (t, slot) in self.inner.tiers.iter().enumerate() {
+            if st.policies[t].len() as u64 != resident[t] {
+                return Err(format!("tier {t}: policy tracks {} pages, {} resident", st.policies[t].len(), resident[t]));
+            }
+            if st.occupancy[t] < resident[t] {
+                return Err(format!("tier {t}: occupancy {} below residency {}", st.occupancy[t], resident[t]));
+            }
+            if st.occupancy[t] > slot.cap_blocks {
+                return Err(format!("tier {t}: occupancy {} over capacity {}", st.occupancy[t], slot.cap_blocks));
+            }
+            if st.pinned[t] != pinned[t] {
+                return Err(format!("tier {t}: pinned counter {} != {}", st.pinned[t], pinned[t]));
+            }
+        }
+        Ok(())
+    }
+
+    /// Which tiers hold each page of the longest cached prefix of `tokens` (bit t set: tier
+    /// t), with each page's pin count. For tests and debugging tools.
+    pub fn residency(&self, ns: &NamespaceHandle, tokens: &[u32]) -> Vec<(u8, u32)> {
+        let st = self.inner.state.read();
+        let m = st.index.match_prefix(ns.root, tokens);
+        st.index
+            .path(m.end)
+            .into_iter()
+            .map(|p| {
+                let i = st.index.page(p);
+                (i.resident, i.pins)
+            })
+            .collect()
+    }
+}
+
+/// Pages pinned by [`TieredCache::pin`] (or internally); unpinned on drop.
+pub struct PinGuard {
+    cache: TieredCache,
+    pages: Vec<PageId>,
+}
+
+impl PinGuard {
+    /// Pages pinned.
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Whether nothing is pinned.
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if !self.pages.is_empty() {
+            self.cache.inner.state.write().release_pages(&self.pages);
+        }
+    }
+}
+
+struct PrefetchShared {
+    ready: AtomicUsize,
+    total: usize,
+    stop: AtomicBool,
+    done: AtomicBool,
+    notify: tokio::sync::Notify,
+    error: Mutex<Option<String>>,
+}
+
+/// What a finished prefetch gives the scheduler.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrefetchOutcome {
+    /// Pages that were matched and leased.
+    pub matched: usize,
+    /// Leading pages now in the target tier.
+    pub ready: usize,
+    /// The lease that keeps them there; release it when the request is done.
+    pub lease: u64,
+    /// Why the prefetch stopped early, if it failed.
+    pub error: Option<String>,
+}
+
+/// The scheduler's side of a prefetch.
+pub struct PrefetchTicket {
+    shared: Arc<PrefetchShared>,
+    lease: u64,
+    policy: PrefetchPolicy,
+}
+
+impl PrefetchTicket {
+    /// Leading pages already in the target tier.
+    pub fn ready(&self) -> usize {
+        self.shared.ready.load(Ordering::Acquire)
+    }
+
+    /// Pages the prefetch covers.
+    pub fn total(&self) -> usize {
+        self.shared.total
+    }
+
+    /// Whether the job has finished.
+    pub fn is_done(&self) -> bool {
+        self.shared.done.load(Ordering::Acquire)
+    }
+
+    /// The lease id.
+    pub fn lease(&self) -> u64 {
+        self.lease
+    }
+
+    /// Called when the request is scheduled: applies the policy (best-effort stops the job,
+    /// the others wait for it) and reports what is ready. The job must be running.
+    pub async fn finish(self) -> PrefetchOutcome {
+        if self.policy == PrefetchPolicy::BestEffort {
+            self.shared.stop.store(true, Ordering::Release);
+        }
+        loop {
+            let notified = self.shared.notify.notified();
+            if self.shared.done.load(Ordering::Acquire) {
+                break;
+            }
+            notified.await;
+        }
+        PrefetchOutcome {
+            matched: self.shared.total,
+            ready: self.shared.ready.load(Ordering::Acquire),
+            lease: self.lease,
+            error: self.shared.error.lock().clone(),
+        }
+    }
+}
+
+/// The worker side of a prefetch: copies pages into the target tier in prefix order.
+pub struct PrefetchJob {
+    cache: TieredCache,
+    pages: Vec<PageId>,
+    target: TierId,
+    deadline: Option<Instant>,
+    shared: Arc<PrefetchShared>,
+}
+
+impl PrefetchJob {
+    /// Runs the copies. Returns the number of leading pages in the target tier.
+    pub async fn run(self) -> usize {
+        let r = self.copy_all().await;
+        if let Err(e) = &r {
+            *self.shared.error.lock() = Some(e.to_string());
+        }
+        self.shared.done.store(true, Ordering::Release);
+        self.shared.notify.notify_waiters();
+        self.shared.ready.load(Ordering::Acquire)
+    }
+
+    async fn copy_all(&self) -> Result<(), CacheError> {
+        let c = &self.cache;
+        let t = self.target;
+        let mut buf = vec![0u8; c.inner.block_bytes];
+        for &p in &self.pages {
+            if self.shared.stop.load(Ordering::Acquire)
+                || self.deadline.is_some_and(|d| Instant::now() >= d)
+            {
+                return Ok(());
+            }
+            // Source: the fastest tier holding the page (leased, so it stays).
+            let (src, key) = {
+                let st = c.inner.state.read();
+                if !st.index.is_live(p) {
+                    return Ok(());
+                }
+                let info = st.index.page(p);
+                if info.resident >> t.0 & 1 == 1 {
+                    self.shared.ready.fetch_add(1, Ordering::AcqRel);
+                    continue;
+                }
+                let src = (0..c.inner.tiers.len())
+                    .find(|&s| info.resident >> s & 1 == 1)
+                    .map(|s| (TierId(s as u8), st.index.handle(p, TierId(s as u8))));
+                (src, info.key)
+            };
+            let Some((s, Some(h))) = src else { return Ok(()) };
+            let slot = &c.inner.tiers[s.0 as usize];
+            if let Err(e) = slot.tier.read(h, &key, &mut buf).await {
+                slot.counters.read_errors.fetch_add(1, Ordering::Relaxed);
+                c.discard_bad_copy(p, s);
+                return Err(CacheError::Tier { tier: s, source: e });
+            }
+            slot.counters
+                .bytes_out
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            c.copy_into(p, key, t, &buf).await?;
+            if c.inner.state.read().index.handle(p, t).is_none() {
+                return Ok(());
+            }
+            self.shared.ready.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+}
