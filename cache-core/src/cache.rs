@@ -79,6 +79,8 @@ pub struct CacheConfig {
     pub max_tokens_per_call: usize,
     /// Longest lease a caller may ask for.
     pub max_lease: Duration,
+    /// Events buffered per subscriber before the oldest are dropped.
+    pub event_buffer: usize,
 }
 
 impl Default for CacheConfig {
@@ -89,6 +91,7 @@ impl Default for CacheConfig {
             insert_tier: TierId(0),
             max_tokens_per_call: 1 << 20,
             max_lease: Duration::from_secs(600),
+            event_buffer: 4096,
         }
     }
 }
@@ -236,6 +239,29 @@ struct State {
     namespaces: HashMap<BlockKey, NamespaceHandle>,
     /// Pages that reached the selective write-through threshold.
     copy_down: Vec<PageId>,
+    events: tokio::sync::broadcast::Sender<CacheEvent>,
+}
+
+/// A block became resident in, or left, a tier. Subscribe with [`TieredCache::subscribe`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheEvent {
+    /// Stored or removed.
+    pub kind: EventKind,
+    /// The tier.
+    pub tier: TierId,
+    /// The namespace id (root key).
+    pub namespace: BlockKey,
+    /// The block.
+    pub key: BlockKey,
+}
+
+/// What happened to a block in a tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// It is now readable from the tier.
+    Stored,
+    /// It left the tier.
+    Removed,
 }
 
 struct TierSlot {
@@ -284,7 +310,23 @@ impl State {
         }
     }
 
+    fn emit(&self, kind: EventKind, p: PageId, t: TierId) {
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        if let Some(namespace) = self.index.namespace_of(p) {
+            // A lagging subscriber loses old events; it is told so by its receiver.
+            let _ = self.events.send(CacheEvent {
+                kind,
+                tier: t,
+                namespace,
+                key: self.index.page(p).key,
+            });
+        }
+    }
+
     fn make_resident(&mut self, p: PageId, t: TierId, h: BlockHandle) {
+        self.emit(EventKind::Stored, p, t);
         self.index.set_resident(p, t, h);
         self.policies[t.0 as usize].insert(p);
         if self.index.page(p).pins > 0 {
@@ -296,6 +338,7 @@ impl State {
     /// it is resident nowhere else (it must then be an unpinned leaf).
     fn drop_resident(&mut self, p: PageId, t: TierId) -> Option<BlockHandle> {
         let h = self.index.clear_resident(p, t)?;
+        self.emit(EventKind::Removed, p, t);
         self.policies[t.0 as usize].remove(p);
         self.occupancy[t.0 as usize] -= 1;
         let info = self.index.page(p);
@@ -427,6 +470,7 @@ impl TieredCache {
             next_lease: 1,
             namespaces: HashMap::new(),
             copy_down: Vec::new(),
+            events: tokio::sync::broadcast::channel(config.event_buffer.max(1)).0,
         };
         Ok(TieredCache {
             inner: Arc::new(Inner {
@@ -574,6 +618,11 @@ impl TieredCache {
     /// Stores the pages of `tokens` (a whole number of pages) with their blocks, one per
     /// page. Pages already cached are left as they are. New blocks go to the insert tier,
     /// evicting as needed, and, with write-through, to every lower tier too.
+    ///
+    /// Pages are written in batches that fit the tier and recorded after each batch, so a
+    /// prefix longer than the tier can still be stored when older pages can move down. If
+    /// the tier fills with pages that cannot leave, the call stores the leading pages that
+    /// fit and reports how many; it fails only when it stored none.
     pub async fn insert(
         &self,
         ns: &NamespaceHandle,
@@ -600,133 +649,133 @@ impl TieredCache {
         }
         self.check_handle(ns)?;
         let t = self.inner.config.insert_tier;
-        // 1. Which pages are missing; pin the existing prefix so it outlives our writes.
-        let prefix = {
+        let slot = self.tier(t)?;
+        // The existing prefix; its last page is pinned so that new pages keep a parent.
+        let (existing, mut tail, mut prev_key) = {
             let now = self.now();
             let mut st = self.inner.state.write();
             st.expire_leases(now);
             let m = st.index.match_prefix(ns.root, tokens);
             let path = st.index.path(m.end);
-            for &p in &path {
-                st.pin_page(p);
-            }
             for &p in path.iter().rev() {
                 for tier in 0..self.inner.tiers.len() {
                     st.policies[tier].touch(p);
                 }
             }
-            PinGuard {
-                cache: self.clone(),
-                pages: path,
-            }
-        };
-        let existing = prefix.pages.len();
-        if existing == pages {
-            return Ok(InsertReport {
-                pages,
-                existing,
-                stored: 0,
-            });
-        }
-        // 2. Write the missing blocks into the insert tier.
-        let slot = self.tier(t)?;
-        let mut handles: Vec<BlockHandle> = Vec::with_capacity(pages - existing);
-        let keys = {
-            let mut prev = match prefix.pages.last() {
-                Some(&p) => self.inner.state.read().index.page(p).key,
-                None => ns.root_key,
-            };
-            tokens[existing * ps..]
-                .chunks_exact(ps)
-                .map(|page| {
-                    prev = prev.chain(page);
-                    prev
-                })
-                .collect::<Vec<_>>()
-        };
-        let mut failure = None;
-        for (i, key) in keys.iter().enumerate() {
-            if let Err(e) = self.reserve(t).await {
-                failure = Some(e);
-                break;
-            }
-            match slot.tier.write(key, blocks[existing + i]).await {
-                Ok(h) => {
-                    slot.counters
-                        .bytes_in
-                        .fetch_add(self.inner.block_bytes as u64, Ordering::Relaxed);
-                    handles.push(h);
-                }
-                Err(e) => {
-                    self.inner.state.write().occupancy[t.0 as usize] -= 1;
-                    failure = Some(CacheError::Tier { tier: t, source: e });
-                    break;
-                }
-            }
-        }
-        // 3. Record what was written (only a contiguous run after the prefix is useful).
-        let stored_pages;
-        let stored_positions: Vec<usize>;
-        let mut to_free = Vec::new();
-        {
-            let now = self.now();
-            let mut st = self.inner.state.write();
-            let written = existing + handles.len();
-            let ins = st
-                .index
-                .insert(ns.root, ns.root_key, &tokens[..written * ps], now)?;
-            // Another caller may have stored some of the same pages meanwhile.
-            // Another caller may have stored some of the same pages meanwhile; a lost page
-            // (resident nowhere) takes our copy.
-            let mut stored = Vec::with_capacity(handles.len());
-            for (i, &h) in handles.iter().enumerate() {
-                let pos = existing + i;
-                let p = ins.pages[pos];
-                if pos < ins.first_new && st.index.page(p).resident != 0 {
-                    to_free.push(h);
-                    st.occupancy[t.0 as usize] -= 1;
-                } else {
-                    st.make_resident(p, t, h);
-                    stored.push(pos);
-                }
-            }
-            for &pos in stored.iter().rev() {
-                st.policies[t.0 as usize].touch(ins.pages[pos]);
-            }
-            stored_pages = stored.iter().map(|&pos| ins.pages[pos]).collect::<Vec<_>>();
-            stored_positions = stored;
-            for &p in &stored_pages {
+            let last = path.last().copied();
+            if let Some(p) = last {
                 st.pin_page(p);
             }
-        }
-        for h in to_free {
-            slot.tier.free(h);
-        }
-        let new_guard = PinGuard {
-            cache: self.clone(),
-            pages: stored_pages,
+            let key = last.map(|p| st.index.page(p).key).unwrap_or(ns.root_key);
+            (
+                path.len(),
+                PinGuard {
+                    cache: self.clone(),
+                    pages: last.into_iter().collect(),
+                },
+                key,
+            )
         };
-        drop(prefix);
-        // 4. Write-through copies to every lower tier, from the caller's bytes.
-        if self.inner.config.write_policy == WritePolicy::WriteThrough {
-            for lower in (t.0 as usize + 1)..self.inner.tiers.len() {
-                for (&p, &pos) in new_guard.pages.iter().zip(&stored_positions) {
-                    let key = self.inner.state.read().index.page(p).key;
-                    if self
-                        .copy_into(p, key, TierId(lower as u8), blocks[pos])
-                        .await
-                        .is_err()
-                    {
+        let batch_max = (slot.cap_blocks as usize / 2).clamp(1, 32);
+        let mut done = existing;
+        let mut stored = 0;
+        let mut failure = None;
+        while done < pages && failure.is_none() {
+            let end = (done + batch_max).min(pages);
+            // Write a batch without the lock.
+            let mut handles = Vec::with_capacity(end - done);
+            let mut keys = Vec::with_capacity(end - done);
+            for i in done..end {
+                let key = prev_key.chain(&tokens[i * ps..(i + 1) * ps]);
+                if let Err(e) = self.reserve(t).await {
+                    failure = Some(e);
+                    break;
+                }
+                match slot.tier.write(&key, blocks[i]).await {
+                    Ok(h) => {
+                        slot.counters
+                            .bytes_in
+                            .fetch_add(self.inner.block_bytes as u64, Ordering::Relaxed);
+                        handles.push(h);
+                        keys.push(key);
+                        prev_key = key;
+                    }
+                    Err(e) => {
+                        self.inner.state.write().occupancy[t.0 as usize] -= 1;
+                        failure = Some(CacheError::Tier { tier: t, source: e });
                         break;
                     }
                 }
             }
+            if handles.is_empty() {
+                break;
+            }
+            let written = done + handles.len();
+            // Record it. Another caller may have stored some of the same pages meanwhile;
+            // a lost page (resident nowhere) takes our copy.
+            let mut to_free = Vec::new();
+            let mut new_pages = Vec::with_capacity(handles.len());
+            {
+                let now = self.now();
+                let mut st = self.inner.state.write();
+                let ins = st
+                    .index
+                    .insert(ns.root, ns.root_key, &tokens[..written * ps], now)?;
+                for (i, &h) in handles.iter().enumerate() {
+                    let pos = done + i;
+                    let p = ins.pages[pos];
+                    if pos < ins.first_new && st.index.page(p).resident != 0 {
+                        to_free.push(h);
+                        st.occupancy[t.0 as usize] -= 1;
+                    } else {
+                        st.make_resident(p, t, h);
+                        new_pages.push((p, pos));
+                    }
+                }
+                for &(p, _) in new_pages.iter().rev() {
+                    st.policies[t.0 as usize].touch(p);
+                }
+                // Hold the new tail (and, for the copies below, the new pages).
+                for &(p, _) in &new_pages {
+                    st.pin_page(p);
+                }
+                let last = ins.pages[written - 1];
+                st.pin_page(last);
+                drop(st);
+                tail = PinGuard {
+                    cache: self.clone(),
+                    pages: vec![last],
+                };
+            }
+            for h in to_free {
+                slot.tier.free(h);
+            }
+            let batch_guard = PinGuard {
+                cache: self.clone(),
+                pages: new_pages.iter().map(|&(p, _)| p).collect(),
+            };
+            // Write-through: copy the batch to every lower tier from the caller's bytes.
+            if self.inner.config.write_policy == WritePolicy::WriteThrough {
+                'lower: for lower in (t.0 as usize + 1)..self.inner.tiers.len() {
+                    for &(p, pos) in &new_pages {
+                        if self
+                            .copy_into(p, keys[pos - done], TierId(lower as u8), blocks[pos])
+                            .await
+                            .is_err()
+                        {
+                            break 'lower;
+                        }
+                    }
+                }
+            }
+            drop(batch_guard);
+            stored += new_pages.len();
+            done = written;
         }
-        let stored = new_guard.pages.len();
-        drop(new_guard);
+        drop(tail);
         self.run_copy_down().await;
         match failure {
-            Some(e) if stored == 0 => Err(e),
+            Some(e) if stored == 0 && done < pages => Err(e),
             _ => Ok(InsertReport {
                 pages,
                 existing,
@@ -794,7 +843,14 @@ impl TieredCache {
                     }
                     self.pick_victim(&mut st, t)?
                 };
-                self.handle_victim(t, victim).await?;
+                if let Err(e) = self.handle_victim(t, victim).await {
+                    // The victim could not move down; nothing else is tried, so that a
+                    // full lower tier cannot spin this loop.
+                    return Err(match e {
+                        CacheError::TierFull(_) => CacheError::TierFull(t),
+                        other => other,
+                    });
+                }
             }
         })
     }
@@ -802,18 +858,19 @@ impl TieredCache {
     /// Chooses and detaches one victim from tier `t` (lock held).
     fn pick_victim(&self, st: &mut State, t: TierId) -> Result<Victim, CacheError> {
         let ti = t.0 as usize;
+        let can_demote = self.inner.config.write_policy == WritePolicy::WriteBack
+            && ti + 1 < self.inner.tiers.len();
         let State { index, policies, .. } = st;
         let v = policies[ti]
             .victim(&mut |p| {
                 let info = index.page(p);
-                info.pins == 0 && (info.resident & !(1 << ti) != 0 || index.is_leaf(p))
+                info.pins == 0
+                    && (can_demote || info.resident & !(1 << ti) != 0 || index.is_leaf(p))
             })
             .ok_or(CacheError::TierFull(t))?;
         let info = st.index.page(v);
         let below = !((1u8 << (ti + 1)) - 1);
-        let demote = self.inner.config.write_policy == WritePolicy::WriteBack
-            && ti + 1 < self.inner.tiers.len()
-            && info.resident & below == 0;
+        let demote = can_demote && info.resident & below == 0;
         if demote {
             st.pin_page(v);
             let handle = st.index.handle(v, t).ok_or(CacheError::TierFull(t))?;
@@ -829,56 +886,62 @@ impl TieredCache {
         }
     }
 
-    async fn handle_victim(&self, t: TierId, v: Victim) -> Result<(), CacheError> {
+    /// Carries out an eviction chosen by `pick_victim`. Returns whether the page left the
+    /// tier (`false`: it was pinned again meanwhile); an error if a demotion failed.
+    async fn handle_victim(&self, t: TierId, v: Victim) -> Result<bool, CacheError> {
         let slot = self.tier(t)?;
         match v {
             Victim::Dropped(h) => {
                 slot.tier.free(h);
-                Ok(())
+                Ok(true)
             }
             Victim::Demote { page, key, handle } => {
-                let guard = PinGuard {
+                // `pick_victim` pinned the page; this guard unpins it if we are cancelled.
+                let mut guard = PinGuard {
                     cache: self.clone(),
                     pages: vec![page],
                 };
                 let lower = TierId(t.0 + 1);
                 let mut buf = vec![0u8; self.inner.block_bytes];
-                let ok = match slot.tier.read(handle, &key, &mut buf).await {
+                let (readable, copied) = match slot.tier.read(handle, &key, &mut buf).await {
                     Ok(()) => {
                         slot.counters
                             .bytes_out
                             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-                        self.copy_into(page, key, lower, &buf).await.is_ok()
+                        (true, self.copy_into(page, key, lower, &buf).await)
                     }
                     Err(_) => {
                         slot.counters.read_errors.fetch_add(1, Ordering::Relaxed);
-                        false
+                        (false, Ok(()))
                     }
                 };
-                if ok {
+                if readable && copied.is_ok() {
                     slot.counters.demotions.fetch_add(1, Ordering::Relaxed);
                 }
-                // Now evict from `t` whatever happened below (a failed demotion drops it).
                 let freed = {
                     let mut st = self.inner.state.write();
+                    guard.pages.clear();
                     st.unpin_page(page);
-                    std::mem::forget(guard);
                     let info = st.index.page(page);
-                    let still_evictable = st.index.is_live(page)
-                        && info.pins == 0
-                        && info.resident >> t.0 & 1 == 1
-                        && (info.resident & !(1 << t.0) != 0 || st.index.is_leaf(page));
-                    if still_evictable {
+                    let here = st.index.is_live(page) && info.resident >> t.0 & 1 == 1;
+                    // An unreadable copy goes whatever else holds the page (fail closed).
+                    let evictable = here
+                        && (!readable
+                            || (info.pins == 0
+                                && (info.resident & !(1 << t.0) != 0 || st.index.is_leaf(page))));
+                    if evictable {
                         slot.counters.evictions.fetch_add(1, Ordering::Relaxed);
                         st.drop_resident(page, t)
                     } else {
                         None
                     }
                 };
+                let evicted = freed.is_some();
                 if let Some(h) = freed {
                     slot.tier.free(h);
                 }
-                Ok(())
+                copied?;
+                Ok(evicted)
             }
         }
     }
@@ -899,8 +962,12 @@ impl TieredCache {
                     Err(e) => return Err(e),
                 }
             };
-            self.handle_victim(t, v).await?;
-            n += 1;
+            match self.handle_victim(t, v).await {
+                Ok(true) => n += 1,
+                Ok(false) => {}
+                Err(CacheError::TierFull(_)) => break,
+                Err(e) => return Err(e),
+            }
         }
         Ok(n)
     }
@@ -1161,6 +1228,11 @@ impl TieredCache {
         ))
     }
 
+    /// A stream of stored/removed events, for KV-aware routers and audits.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<CacheEvent> {
+        self.inner.state.read().events.subscribe()
+    }
+
     /// Counters and occupancy.
     pub fn stats(&self) -> CacheStats {
         let st = self.inner.state.read();
@@ -1319,6 +1391,11 @@ impl PrefetchTicket {
         self.lease
     }
 
+    /// Asks the job to stop after the block it is copying (the request was cancelled).
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+    }
+
     /// Called when the request is scheduled: applies the policy (best-effort stops the job,
     /// the others wait for it) and reports what is ready. The job must be running.
     pub async fn finish(self) -> PrefetchOutcome {
@@ -1351,6 +1428,11 @@ pub struct PrefetchJob {
 }
 
 impl PrefetchJob {
+    /// Whether the scheduler has already asked the job to stop.
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stop.load(Ordering::Acquire)
+    }
+
     /// Runs the copies. Returns the number of leading pages in the target tier.
     pub async fn run(self) -> usize {
         let r = self.copy_all().await;

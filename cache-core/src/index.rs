@@ -123,6 +123,7 @@ pub struct RadixIndex {
     /// handles[t][page] is the page's handle in tier t (meaningful only when resident).
     handles: Vec<Vec<BlockHandle>>,
     roots: HashMap<BlockKey, u32>,
+    root_keys: HashMap<u32, BlockKey>,
     live_pages: usize,
 }
 
@@ -145,6 +146,7 @@ impl RadixIndex {
             free_pages: Vec::new(),
             handles: vec![Vec::new(); n_tiers],
             roots: HashMap::new(),
+            root_keys: HashMap::new(),
             live_pages: 0,
         })
     }
@@ -206,6 +208,7 @@ impl RadixIndex {
         }
         let r = self.alloc_node(NIL)?;
         self.roots.insert(root_key, r);
+        self.root_keys.insert(r, root_key);
         Ok(NodeId(r))
     }
 
@@ -500,6 +503,18 @@ impl RadixIndex {
             last_access: pg.last_access,
             pins: pg.pins,
         }
+    }
+
+    /// The root key of the namespace `p` belongs to (walks up the tree).
+    pub fn namespace_of(&self, p: PageId) -> Option<BlockKey> {
+        let mut n = self.pages[p.0 as usize].node;
+        if n == NIL {
+            return None;
+        }
+        while self.nodes[n as usize].parent != NIL {
+            n = self.nodes[n as usize].parent;
+        }
+        self.root_keys.get(&n).copied()
     }
 
     /// Whether `p` names a page currently in the tree.

@@ -47,7 +47,7 @@ pub mod testing;
 pub mod tier;
 
 pub use cache::{
-    CacheConfig, CacheStats, InsertReport, LookupResult, NamespaceHandle, PinGuard,
+    CacheConfig, CacheEvent, CacheStats, EventKind, InsertReport, LookupResult, NamespaceHandle, PinGuard,
     PrefetchJob, PrefetchOutcome, PrefetchPolicy, PrefetchTicket, ReadReport, TierSpec,
     TierStats, TieredCache, WritePolicy,
 };

@@ -1,0 +1,355 @@
+//! Behaviour of the controller that a user of the cache would notice: tenant isolation,
+//! typed errors on bad input with nothing lost, integrity failures, write and prefetch
+//! policies, lease expiry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_cache_core::testing::MemTier;
+use strata_cache_core::*;
+
+const PS: usize = 16;
+
+fn ns(salt: &[u8]) -> Namespace {
+    Namespace::new(
+        [3; 32],
+        KvDtype::Bf16,
+        KvLayout::PageFirst,
+        PS as u32,
+        KvShape {
+            num_layers: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+        },
+        TpShape::default(),
+        salt,
+    )
+    .unwrap()
+}
+
+fn toks(n_pages: usize, seed: u32) -> Vec<u32> {
+    (0..(n_pages * PS) as u32)
+        .map(|i| i.wrapping_mul(2654435761) ^ seed)
+        .collect()
+}
+
+fn block(page: usize, seed: u8) -> Vec<u8> {
+    let bs = ns(b"").block_bytes();
+    (0..bs).map(|i| (i as u8) ^ (page as u8).wrapping_mul(31) ^ seed).collect()
+}
+
+struct Setup {
+    cache: TieredCache,
+    tiers: Vec<Arc<MemTier>>,
+    clock: Arc<ManualClock>,
+}
+
+fn setup(caps: &[u64], policy: WritePolicy) -> Setup {
+    let bs = ns(b"").block_bytes();
+    let kinds = [TierKind::Host, TierKind::Disk, TierKind::Remote];
+    let tiers: Vec<_> = caps
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| Arc::new(MemTier::new(kinds[i], bs, c)))
+        .collect();
+    let clock = Arc::new(ManualClock::new());
+    let cache = TieredCache::with_clock(
+        tiers
+            .iter()
+            .zip(caps)
+            .map(|(t, &c)| TierSpec {
+                tier: t.clone(),
+                capacity_bytes: c * bs as u64,
+                eviction: EvictionKind::Lru,
+            })
+            .collect(),
+        CacheConfig {
+            page_size: PS as u32,
+            write_policy: policy,
+            max_tokens_per_call: 64 * PS,
+            ..CacheConfig::default()
+        },
+        clock.clone(),
+    )
+    .unwrap();
+    Setup {
+        cache,
+        tiers,
+        clock,
+    }
+}
+
+fn insert(c: &TieredCache, h: &NamespaceHandle, t: &[u32], seed: u8) -> InsertReport {
+    let blocks: Vec<Vec<u8>> = (0..t.len() / PS).map(|i| block(i, seed)).collect();
+    let refs: Vec<&[u8]> = blocks.iter().map(|b| b.as_slice()).collect();
+    block_on(c.insert(h, t, &refs)).unwrap()
+}
+
+fn read_all(c: &TieredCache, h: &NamespaceHandle, t: &[u32]) -> (ReadReport, Vec<Vec<u8>>) {
+    let mut out = vec![Vec::new(); t.len() / PS];
+    let r = block_on(c.read(h, t, &mut out)).unwrap();
+    out.truncate(r.read);
+    (r, out)
+}
+
+#[test]
+fn tenants_never_share_blocks() {
+    let s = setup(&[32], WritePolicy::WriteBack);
+    let a = s.cache.register(&ns(b"tenant-a")).unwrap();
+    let b = s.cache.register(&ns(b"tenant-b")).unwrap();
+    assert_ne!(a.id(), b.id());
+    let t = toks(4, 1);
+    insert(&s.cache, &a, &t, 1);
+    // B finds nothing that A stored, and reads nothing.
+    assert_eq!(s.cache.lookup(&b, &t).unwrap().matched_pages, 0);
+    assert_eq!(read_all(&s.cache, &b, &t).0.read, 0);
+    // B stores the same tokens: separate blocks, separate keys, each reads its own bytes.
+    insert(&s.cache, &b, &t, 2);
+    assert_eq!(s.tiers[0].live_blocks(), 8);
+    let ka = ns(b"tenant-a").page_keys(&t);
+    let kb = ns(b"tenant-b").page_keys(&t);
+    assert!(ka.iter().all(|k| !kb.contains(k)));
+    assert_eq!(read_all(&s.cache, &a, &t).1[3], block(3, 1));
+    assert_eq!(read_all(&s.cache, &b, &t).1[3], block(3, 2));
+}
+
+#[test]
+fn bad_input_gets_typed_errors_and_loses_nothing() {
+    let s = setup(&[8], WritePolicy::WriteBack);
+    let h = s.cache.register(&ns(b"")).unwrap();
+    let t = toks(3, 5);
+    insert(&s.cache, &h, &t, 0);
+    let good = block(0, 0);
+    let c = &s.cache;
+
+    let e = block_on(c.insert(&h, &t[..20], &[&good])).unwrap_err();
+    assert!(matches!(e, CacheError::PartialPage { tokens: 20, page_size: 16 }), "{e}");
+    let e = block_on(c.insert(&h, &toks(2, 9), &[&good])).unwrap_err();
+    assert!(matches!(e, CacheError::BlockCount { pages: 2, blocks: 1 }), "{e}");
+    let e = block_on(c.insert(&h, &toks(1, 9), &[&good[..10]])).unwrap_err();
+    assert!(matches!(e, CacheError::BlockSize { index: 0, got: 10, .. }), "{e}");
+    let e = c.lookup(&h, &toks(65, 1)).unwrap_err();
+    assert!(matches!(e, CacheError::TooManyTokens { .. }), "{e}");
+    assert!(e.to_string().contains("limit of 1024 tokens"));
+    let e = c.lease(&h, &t, Duration::ZERO).unwrap_err();
+    assert!(matches!(e, CacheError::LeaseInPast { .. }), "{e}");
+    s.clock.advance(Duration::from_secs(5));
+    let e = c.lease_until(&h, &t, 1_000_000_000).unwrap_err();
+    assert!(matches!(e, CacheError::LeaseInPast { past_by_ms: 4000 }), "{e}");
+    assert!(matches!(c.release(12345), Err(CacheError::UnknownLease(12345))));
+    assert!(matches!(block_on(c.evict(TierId(3), 1)), Err(CacheError::UnknownTier(_))));
+
+    // A handle from another cache names an unknown namespace here.
+    let other = setup(&[8], WritePolicy::WriteBack);
+    let foreign = other.cache.register(&ns(b"x")).unwrap();
+    assert!(matches!(c.lookup(&foreign, &t), Err(CacheError::UnknownNamespace(_))));
+    // A namespace with another block size or page size is refused.
+    let big = Namespace::new(
+        [3; 32],
+        KvDtype::F32,
+        KvLayout::PageFirst,
+        PS as u32,
+        KvShape { num_layers: 2, num_kv_heads: 1, head_dim: 4 },
+        TpShape::default(),
+        b"",
+    )
+    .unwrap();
+    assert!(matches!(c.register(&big), Err(CacheError::NamespaceMismatch { .. })));
+
+    // Nothing stored was lost.
+    let (r, out) = read_all(c, &h, &t);
+    assert_eq!(r.read, 3);
+    assert_eq!(out[2], block(2, 0));
+    c.check_invariants().unwrap();
+}
+
+#[test]
+fn zero_and_absurd_capacities_are_refused() {
+    let bs = ns(b"").block_bytes();
+    let mk = |cap_bytes: u64, tier_blocks: u64| {
+        TieredCache::new(
+            vec![TierSpec {
+                tier: Arc::new(MemTier::new(TierKind::Host, bs, tier_blocks)),
+                capacity_bytes: cap_bytes,
+                eviction: EvictionKind::Lru,
+            }],
+            CacheConfig { page_size: PS as u32, ..CacheConfig::default() },
+        )
+    };
+    assert!(matches!(mk(0, 10), Err(CacheError::InvalidConfig(_))));
+    assert!(matches!(mk(bs as u64 - 1, 10), Err(CacheError::InvalidConfig(_))));
+    assert!(matches!(mk(100 * bs as u64, 10), Err(CacheError::InvalidConfig(_))));
+    assert!(matches!(mk(u64::MAX, u64::MAX), Err(CacheError::InvalidConfig(_))));
+    assert!(mk(10 * bs as u64, 10).is_ok());
+    assert!(TieredCache::new(vec![], CacheConfig::default()).is_err());
+}
+
+#[test]
+fn a_corrupt_copy_is_never_served() {
+    let s = setup(&[8, 8], WritePolicy::WriteThrough);
+    let h = s.cache.register(&ns(b"")).unwrap();
+    let t = toks(3, 7);
+    insert(&s.cache, &h, &t, 4);
+    assert_eq!(s.tiers[1].live_blocks(), 3, "write-through copied down");
+    // Corrupt every host copy: reads fall through to the disk tier, with the right bytes.
+    for hd in s.tiers[0].handles() {
+        s.tiers[0].corrupt(hd);
+    }
+    let (r, out) = read_all(&s.cache, &h, &t);
+    assert_eq!(r.read, 3);
+    assert_eq!(r.from_tier, vec![0, 3]);
+    assert_eq!(out[1], block(1, 4));
+    let st = s.cache.stats();
+    assert_eq!(st.tiers[0].read_errors, 3);
+    assert_eq!(s.cache.lookup(&h, &t).unwrap().resident, vec![0, 3]);
+    // Now corrupt the only copy of the middle page: the prefix stops before it.
+    let mid = s.tiers[1].handles();
+    s.tiers[1].corrupt(mid[1]);
+    let (r, _) = read_all(&s.cache, &h, &t);
+    assert_eq!(r.read, 1);
+    assert_eq!(s.cache.lookup(&h, &t).unwrap().matched_pages, 1);
+    s.cache.check_invariants().unwrap();
+    // Storing the prefix again repairs the lost page (the third is still good on disk).
+    let rep = insert(&s.cache, &h, &t, 4);
+    assert_eq!(rep.stored, 1, "{rep:?}");
+    let (r, out) = read_all(&s.cache, &h, &t);
+    assert_eq!(r.read, 3);
+    assert_eq!(out[2], block(2, 4));
+    s.cache.check_invariants().unwrap();
+}
+
+#[test]
+fn write_back_demotes_on_eviction() {
+    let s = setup(&[2, 8], WritePolicy::WriteBack);
+    let h = s.cache.register(&ns(b"")).unwrap();
+    let t = toks(5, 2);
+    let rep = insert(&s.cache, &h, &t, 9);
+    assert_eq!(rep.stored, 5);
+    assert_eq!(s.tiers[0].live_blocks(), 2);
+    assert_eq!(s.tiers[1].live_blocks(), 3);
+    let st = s.cache.stats();
+    assert_eq!(st.tiers[0].demotions, 3);
+    let (r, out) = read_all(&s.cache, &h, &t);
+    assert_eq!(r.read, 5);
+    for (i, b) in out.iter().enumerate() {
+        assert_eq!(b, &block(i, 9));
+    }
+}
+
+#[test]
+fn selective_write_through_copies_after_enough_hits() {
+    let s = setup(&[8, 8], WritePolicy::WriteThroughSelective { hits: 2 });
+    let h = s.cache.register(&ns(b"")).unwrap();
+    let t = toks(2, 3);
+    insert(&s.cache, &h, &t, 1);
+    assert_eq!(s.tiers[1].live_blocks(), 0);
+    read_all(&s.cache, &h, &t);
+    assert_eq!(s.tiers[1].live_blocks(), 0, "one hit is not enough");
+    read_all(&s.cache, &h, &t);
+    assert_eq!(s.tiers[1].live_blocks(), 2);
+    // Evicting the host copies keeps the data on the lower tier.
+    assert_eq!(block_on(s.cache.evict(TierId(0), 10)).unwrap(), 2);
+    let (r, out) = read_all(&s.cache, &h, &t);
+    assert_eq!(r.from_tier, vec![0, 2]);
+    assert_eq!(out[1], block(1, 1));
+}
+
+#[test]
+fn prefetch_policies() {
+    let s = setup(&[8, 8], WritePolicy::WriteBack);
+    let h = s.cache.register(&ns(b"")).unwrap();
+    let t = toks(4, 11);
+    insert(&s.cache, &h, &t, 6);
+    block_on(s.cache.evict(TierId(0), 8)).unwrap();
+    assert_eq!(s.cache.lookup(&h, &t).unwrap().resident, vec![0, 4]);
+
+    // Timeout with a deadline already passed: nothing is copied.
+    let (ticket, job) = s
+        .cache
+        .prefetch(&h, &t, TierId(0), PrefetchPolicy::Timeout { base: Duration::ZERO, per_page: Duration::ZERO }, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(block_on(job.run()), 0);
+    let out = block_on(ticket.finish());
+    assert_eq!((out.matched, out.ready), (4, 0));
+    s.cache.release(out.lease).unwrap();
+
+    // Best effort: the request is scheduled before the job ran; it copies nothing more.
+    let (ticket, job) = s
+        .cache
+        .prefetch(&h, &t, TierId(0), PrefetchPolicy::BestEffort, Duration::from_secs(5))
+        .unwrap();
+    let waiter = std::thread::spawn(move || block_on(ticket.finish()));
+    // finish() stops the job first thing; wait until the stop is visible to the job.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !job.is_stopped() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(block_on(job.run()), 0);
+    let out = waiter.join().unwrap();
+    assert_eq!((out.matched, out.ready), (4, 0));
+    s.cache.release(out.lease).unwrap();
+
+    // Wait-complete: everything arrives, and it is leased until released.
+    let (ticket, job) = s
+        .cache
+        .prefetch(&h, &t, TierId(0), PrefetchPolicy::WaitComplete, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(block_on(job.run()), 4);
+    let out = block_on(ticket.finish());
+    assert_eq!((out.matched, out.ready, out.error), (4, 4, None));
+    assert_eq!(s.cache.lookup(&h, &t).unwrap().resident, vec![4, 4]);
+    assert_eq!(s.cache.stats().tiers[0].pinned_bytes, 4 * s.cache.block_bytes() as u64);
+    assert_eq!(block_on(s.cache.evict(TierId(0), 8)).unwrap(), 0, "leased pages stay");
+    s.cache.release(out.lease).unwrap();
+    assert_eq!(s.cache.stats().tiers[0].pinned_bytes, 0);
+    assert_eq!(block_on(s.cache.evict(TierId(0), 8)).unwrap(), 4);
+}
+
+#[test]
+fn leases_expire_at_their_deadline() {
+    let s = setup(&[4], WritePolicy::WriteBack);
+    let h = s.cache.register(&ns(b"")).unwrap();
+    let t = toks(2, 1);
+    insert(&s.cache, &h, &t, 0);
+    let (id, pages) = s.cache.lease(&h, &t, Duration::from_secs(10)).unwrap();
+    assert_eq!(pages, 2);
+    assert_eq!(block_on(s.cache.evict(TierId(0), 4)).unwrap(), 0);
+    s.clock.advance(Duration::from_secs(9));
+    assert_eq!(block_on(s.cache.evict(TierId(0), 4)).unwrap(), 0);
+    s.clock.advance(Duration::from_secs(1));
+    assert_eq!(block_on(s.cache.evict(TierId(0), 4)).unwrap(), 2);
+    assert!(matches!(s.cache.release(id), Err(CacheError::UnknownLease(_))));
+    assert_eq!(s.cache.stats().pages, 0);
+}
+
+#[test]
+fn a_full_tier_of_pinned_pages_refuses_new_blocks_cleanly() {
+    let s = setup(&[2], WritePolicy::WriteBack);
+    let h = s.cache.register(&ns(b"")).unwrap();
+    let t = toks(2, 1);
+    insert(&s.cache, &h, &t, 0);
+    let pin = s.cache.pin(&h, &t).unwrap();
+    assert_eq!(pin.len(), 2);
+    let blocks = [block(0, 1)];
+    let e = block_on(s.cache.insert(&h, &toks(1, 99), &[&blocks[0]])).unwrap_err();
+    assert!(matches!(e, CacheError::TierFull(TierId(0))), "{e}");
+    drop(pin);
+    let rep = block_on(s.cache.insert(&h, &toks(1, 99), &[&blocks[0]])).unwrap();
+    assert_eq!(rep.stored, 1);
+    s.cache.check_invariants().unwrap();
+}
+
+#[test]
+fn a_failing_tier_write_is_an_error_and_keeps_the_rest() {
+    let s = setup(&[8], WritePolicy::WriteBack);
+    let h = s.cache.register(&ns(b"")).unwrap();
+    let t = toks(2, 1);
+    insert(&s.cache, &h, &t, 0);
+    s.tiers[0].fail_writes(true);
+    let b = block(0, 0);
+    let e = block_on(s.cache.insert(&h, &toks(1, 5), &[&b])).unwrap_err();
+    assert!(matches!(e, CacheError::Tier { .. }), "{e}");
+    s.tiers[0].fail_writes(false);
+    assert_eq!(read_all(&s.cache, &h, &t).0.read, 2);
+    s.cache.check_invariants().unwrap();
+}
