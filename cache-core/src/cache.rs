@@ -16,8 +16,9 @@
 //! - a writer reserves room in a tier (the occupancy counter) under the lock, writes without
 //!   it, and records the handle under it; a store into the middle of the tree pins the
 //!   existing prefix so that the new pages still have their parent when they are recorded;
-//! - tier handles are freed only after the lock is dropped, and only once no pin covers
-//!   them.
+//! - a handle is freed (`Tier::free`, which must be cheap and never block) under the lock,
+//!   in the same step that releases its occupancy, so a tier never holds more blocks than
+//!   the controller has counted; only unpinned blocks are freed.
 //!
 //! Per-tier counters (hits, bytes, evictions) are atomics outside the lock.
 
@@ -227,6 +228,9 @@ struct Lease {
 }
 
 struct State {
+    /// The tiers, so that a handle is freed under the lock in the same step that releases
+    /// its occupancy (a tier never holds more blocks than the controller counts).
+    tier_refs: Vec<Arc<dyn Tier>>,
     index: RadixIndex,
     policies: Vec<Box<dyn EvictionPolicy>>,
     /// Resident plus reserved blocks per tier.
@@ -287,7 +291,7 @@ pub struct TieredCache {
 
 /// What to do with a victim.
 enum Victim {
-    Dropped(BlockHandle),
+    Dropped,
     Demote { page: PageId, key: BlockKey, handle: BlockHandle },
 }
 
@@ -334,13 +338,26 @@ impl State {
         }
     }
 
-    /// Clears residency in `t`, releasing its occupancy. Removes the page from the tree if
-    /// it is resident nowhere else (it must then be an unpinned leaf).
-    fn drop_resident(&mut self, p: PageId, t: TierId) -> Option<BlockHandle> {
-        let h = self.index.clear_resident(p, t)?;
+    /// Gives a block back to its tier and releases its occupancy.
+    fn free_block(&mut self, t: TierId, h: BlockHandle) {
+        self.tier_refs[t.0 as usize].free(h);
+        self.occupancy[t.0 as usize] -= 1;
+    }
+
+    /// Releases a reservation whose write did not happen.
+    fn unreserve(&mut self, t: TierId) {
+        self.occupancy[t.0 as usize] -= 1;
+    }
+
+    /// Clears residency in `t` and frees the block. Removes the page from the tree if it
+    /// is resident nowhere else and is an unpinned leaf. Returns whether it was resident.
+    fn drop_resident(&mut self, p: PageId, t: TierId) -> bool {
+        let Some(h) = self.index.clear_resident(p, t) else {
+            return false;
+        };
         self.emit(EventKind::Removed, p, t);
         self.policies[t.0 as usize].remove(p);
-        self.occupancy[t.0 as usize] -= 1;
+        self.free_block(t, h);
         let info = self.index.page(p);
         if info.pins > 0 {
             self.pinned[t.0 as usize] -= 1;
@@ -348,7 +365,7 @@ impl State {
         if info.resident == 0 && info.pins == 0 && self.index.is_leaf(p) {
             self.index.remove_leaf(p);
         }
-        Some(h)
+        true
     }
 
     fn expire_leases(&mut self, now: u64) {
@@ -461,6 +478,7 @@ impl TieredCache {
         let n = slots.len();
         let (tiers, policies): (Vec<_>, Vec<_>) = slots.into_iter().unzip();
         let state = State {
+            tier_refs: tiers.iter().map(|s: &TierSlot| s.tier.clone()).collect(),
             index: RadixIndex::new(config.page_size as usize, n)?,
             policies,
             occupancy: vec![0; n],
@@ -701,7 +719,7 @@ impl TieredCache {
                         prev_key = key;
                     }
                     Err(e) => {
-                        self.inner.state.write().occupancy[t.0 as usize] -= 1;
+                        self.inner.state.write().unreserve(t);
                         failure = Some(CacheError::Tier { tier: t, source: e });
                         break;
                     }
@@ -713,7 +731,6 @@ impl TieredCache {
             let written = done + handles.len();
             // Record it. Another caller may have stored some of the same pages meanwhile;
             // a lost page (resident nowhere) takes our copy.
-            let mut to_free = Vec::new();
             let mut new_pages = Vec::with_capacity(handles.len());
             {
                 let now = self.now();
@@ -725,8 +742,7 @@ impl TieredCache {
                     let pos = done + i;
                     let p = ins.pages[pos];
                     if pos < ins.first_new && st.index.page(p).resident != 0 {
-                        to_free.push(h);
-                        st.occupancy[t.0 as usize] -= 1;
+                        st.free_block(t, h);
                     } else {
                         st.make_resident(p, t, h);
                         new_pages.push((p, pos));
@@ -746,9 +762,6 @@ impl TieredCache {
                     cache: self.clone(),
                     pages: vec![last],
                 };
-            }
-            for h in to_free {
-                slot.tier.free(h);
             }
             let batch_guard = PinGuard {
                 cache: self.clone(),
@@ -804,7 +817,7 @@ impl TieredCache {
                     Ok(h)
                 }
                 Err(e) => {
-                    self.inner.state.write().occupancy[t.0 as usize] -= 1;
+                    self.inner.state.write().unreserve(t);
                     Err(CacheError::Tier { tier: t, source: e })
                 }
             }
@@ -816,13 +829,10 @@ impl TieredCache {
             Ok(h) => {
                 if st.index.is_live(p) {
                     st.make_resident(p, t, h);
-                    Ok(())
                 } else {
-                    st.occupancy[t.0 as usize] -= 1;
-                    drop(st);
-                    self.tier(t)?.tier.free(h);
-                    Ok(())
+                    st.free_block(t, h);
                 }
+                Ok(())
             }
             Err(e) => Err(e),
         }
@@ -880,9 +890,11 @@ impl TieredCache {
                 handle,
             })
         } else {
-            let h = st.drop_resident(v, t).ok_or(CacheError::TierFull(t))?;
+            if !st.drop_resident(v, t) {
+                return Err(CacheError::TierFull(t));
+            }
             self.inner.tiers[ti].counters.evictions.fetch_add(1, Ordering::Relaxed);
-            Ok(Victim::Dropped(h))
+            Ok(Victim::Dropped)
         }
     }
 
@@ -891,10 +903,7 @@ impl TieredCache {
     async fn handle_victim(&self, t: TierId, v: Victim) -> Result<bool, CacheError> {
         let slot = self.tier(t)?;
         match v {
-            Victim::Dropped(h) => {
-                slot.tier.free(h);
-                Ok(true)
-            }
+            Victim::Dropped => Ok(true),
             Victim::Demote { page, key, handle } => {
                 // `pick_victim` pinned the page; this guard unpins it if we are cancelled.
                 let mut guard = PinGuard {
@@ -918,7 +927,7 @@ impl TieredCache {
                 if readable && copied.is_ok() {
                     slot.counters.demotions.fetch_add(1, Ordering::Relaxed);
                 }
-                let freed = {
+                let evicted = {
                     let mut st = self.inner.state.write();
                     guard.pages.clear();
                     st.unpin_page(page);
@@ -933,13 +942,9 @@ impl TieredCache {
                         slot.counters.evictions.fetch_add(1, Ordering::Relaxed);
                         st.drop_resident(page, t)
                     } else {
-                        None
+                        false
                     }
                 };
-                let evicted = freed.is_some();
-                if let Some(h) = freed {
-                    slot.tier.free(h);
-                }
                 copied?;
                 Ok(evicted)
             }
@@ -1071,13 +1076,7 @@ impl TieredCache {
     /// Forgets a copy that failed to read (the page is pinned by the caller, so the tree
     /// keeps it until the pin drops).
     fn discard_bad_copy(&self, p: PageId, t: TierId) {
-        let h = {
-            let mut st = self.inner.state.write();
-            st.drop_resident(p, t)
-        };
-        if let Some(h) = h {
-            self.inner.tiers[t.0 as usize].tier.free(h);
-        }
+        self.inner.state.write().drop_resident(p, t);
     }
 
     /// Copies pages that reached the selective write-through threshold to every lower tier.

@@ -108,7 +108,8 @@ pub trait Tier: Send + Sync {
         key: &'a BlockKey,
         out: &'a mut [u8],
     ) -> TierFuture<'a, ()>;
-    /// Releases a block. Its handle may be reused afterwards.
+    /// Releases a block. Its handle may be reused afterwards. Called with the controller's
+    /// lock held: it must be cheap and must not block (defer slow work).
     fn free(&self, handle: BlockHandle);
     /// Measured read/write bandwidth, for the load planner.
     fn bandwidth(&self) -> Bandwidth;
