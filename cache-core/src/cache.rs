@@ -22,8 +22,8 @@
 //!
 //! Per-tier counters (hits, bytes, evictions) are atomics outside the lock.
 
-use std::collections::{BinaryHeap, HashMap};
 use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -292,7 +292,11 @@ pub struct TieredCache {
 /// What to do with a victim.
 enum Victim {
     Dropped,
-    Demote { page: PageId, key: BlockKey, handle: BlockHandle },
+    Demote {
+        page: PageId,
+        key: BlockKey,
+        handle: BlockHandle,
+    },
 }
 
 impl State {
@@ -389,7 +393,11 @@ impl State {
         for &p in pages.iter().rev() {
             self.unpin_page(p);
             let info = self.index.page(p);
-            if info.pins == 0 && info.resident == 0 && self.index.is_live(p) && self.index.is_leaf(p) {
+            if info.pins == 0
+                && info.resident == 0
+                && self.index.is_live(p)
+                && self.index.is_leaf(p)
+            {
                 self.index.remove_leaf(p);
             }
         }
@@ -570,7 +578,7 @@ impl TieredCache {
             });
         }
         let ps = self.inner.config.page_size;
-        if whole && tokens.len() % ps as usize != 0 {
+        if whole && !tokens.len().is_multiple_of(ps as usize) {
             return Err(CacheError::PartialPage {
                 tokens: tokens.len(),
                 page_size: ps,
@@ -619,7 +627,9 @@ impl TieredCache {
             if take > 0 {
                 est = match (est, slot.tier.bandwidth().read_bps) {
                     (Some(e), Some(bps)) => Some(
-                        e + Duration::from_secs_f64(take as f64 * self.inner.block_bytes as f64 / bps),
+                        e + Duration::from_secs_f64(
+                            take as f64 * self.inner.block_bytes as f64 / bps,
+                        ),
                     ),
                     _ => None,
                 };
@@ -785,6 +795,11 @@ impl TieredCache {
             stored += new_pages.len();
             done = written;
         }
+        if stored > 0
+            && let Some(&last) = tail.pages.first()
+        {
+            self.inner.state.write().index.compact_node_of(last);
+        }
         drop(tail);
         self.run_copy_down().await;
         match failure {
@@ -798,10 +813,17 @@ impl TieredCache {
     }
 
     /// Writes `data` (the bytes of pinned page `p`) into tier `t` and records it there.
-    async fn copy_into(&self, p: PageId, key: BlockKey, t: TierId, data: &[u8]) -> Result<(), CacheError> {
+    async fn copy_into(
+        &self,
+        p: PageId,
+        key: BlockKey,
+        t: TierId,
+        data: &[u8],
+    ) -> Result<(), CacheError> {
         {
             let mut st = self.inner.state.write();
-            if !st.index.is_live(p) || st.index.handle(p, t).is_some() || st.index.is_pending(p, t) {
+            if !st.index.is_live(p) || st.index.handle(p, t).is_some() || st.index.is_pending(p, t)
+            {
                 return Ok(());
             }
             st.index.set_pending(p, t, true);
@@ -839,7 +861,11 @@ impl TieredCache {
     }
 
     /// Reserves one block of room in tier `t`, evicting (and demoting) as needed.
-    fn reserve(&self, t: TierId) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CacheError>> + Send + '_>> {
+    fn reserve(
+        &self,
+        t: TierId,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CacheError>> + Send + '_>>
+    {
         Box::pin(async move {
             let cap = self.tier(t)?.cap_blocks;
             loop {
@@ -870,7 +896,9 @@ impl TieredCache {
         let ti = t.0 as usize;
         let can_demote = self.inner.config.write_policy == WritePolicy::WriteBack
             && ti + 1 < self.inner.tiers.len();
-        let State { index, policies, .. } = st;
+        let State {
+            index, policies, ..
+        } = st;
         let v = policies[ti]
             .victim(&mut |p| {
                 let info = index.page(p);
@@ -893,7 +921,10 @@ impl TieredCache {
             if !st.drop_resident(v, t) {
                 return Err(CacheError::TierFull(t));
             }
-            self.inner.tiers[ti].counters.evictions.fetch_add(1, Ordering::Relaxed);
+            self.inner.tiers[ti]
+                .counters
+                .evictions
+                .fetch_add(1, Ordering::Relaxed);
             Ok(Victim::Dropped)
         }
     }
@@ -990,7 +1021,13 @@ impl TieredCache {
     }
 
     /// Lock held inside: match, pin, count a use, touch the policies.
-    fn acquire(&self, ns: &NamespaceHandle, tokens: &[u32], max_pages: usize, hit: bool) -> Vec<PageId> {
+    fn acquire(
+        &self,
+        ns: &NamespaceHandle,
+        tokens: &[u32],
+        max_pages: usize,
+        hit: bool,
+    ) -> Vec<PageId> {
         let now = self.now();
         let mut st = self.inner.state.write();
         st.expire_leases(now);
@@ -1096,21 +1133,32 @@ impl TieredCache {
                 st.pin_page(p);
                 let info = st.index.page(p);
                 let top = info.resident.trailing_zeros() as usize;
-                (top < self.inner.tiers.len())
-                    .then(|| (TierId(top as u8), st.index.handle(p, TierId(top as u8)), info.key))
+                (top < self.inner.tiers.len()).then(|| {
+                    (
+                        TierId(top as u8),
+                        st.index.handle(p, TierId(top as u8)),
+                        info.key,
+                    )
+                })
             };
             let guard = PinGuard {
                 cache: self.clone(),
                 pages: vec![p],
             };
-            let Some((t, Some(h), key)) = src else { continue };
+            let Some((t, Some(h), key)) = src else {
+                continue;
+            };
             let slot = &self.inner.tiers[t.0 as usize];
             if slot.tier.read(h, &key, &mut buf).await.is_err() {
                 slot.counters.read_errors.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             for lower in (t.0 as usize + 1)..self.inner.tiers.len() {
-                if self.copy_into(p, key, TierId(lower as u8), &buf).await.is_err() {
+                if self
+                    .copy_into(p, key, TierId(lower as u8), &buf)
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -1171,7 +1219,10 @@ impl TieredCache {
     /// Ends a lease early.
     pub fn release(&self, lease: u64) -> Result<(), CacheError> {
         let mut st = self.inner.state.write();
-        let l = st.leases.remove(&lease).ok_or(CacheError::UnknownLease(lease))?;
+        let l = st
+            .leases
+            .remove(&lease)
+            .ok_or(CacheError::UnknownLease(lease))?;
         st.release_pages(&l.pages);
         Ok(())
     }
@@ -1196,7 +1247,14 @@ impl TieredCache {
     ) -> Result<(PrefetchTicket, PrefetchJob), CacheError> {
         self.tier(target)?;
         let (lease, pages) = self.lease(ns, tokens, lease_ttl)?;
-        let page_ids = self.inner.state.read().leases.get(&lease).map(|l| l.pages.clone()).unwrap_or_default();
+        let page_ids = self
+            .inner
+            .state
+            .read()
+            .leases
+            .get(&lease)
+            .map(|l| l.pages.clone())
+            .unwrap_or_default();
         let deadline = match policy {
             PrefetchPolicy::Timeout { base, per_page } => {
                 Some(Instant::now() + base + per_page.saturating_mul(pages as u32))
@@ -1283,16 +1341,29 @@ impl TieredCache {
         }
         for (t, slot) in self.inner.tiers.iter().enumerate() {
             if st.policies[t].len() as u64 != resident[t] {
-                return Err(format!("tier {t}: policy tracks {} pages, {} resident", st.policies[t].len(), resident[t]));
+                return Err(format!(
+                    "tier {t}: policy tracks {} pages, {} resident",
+                    st.policies[t].len(),
+                    resident[t]
+                ));
             }
             if st.occupancy[t] < resident[t] {
-                return Err(format!("tier {t}: occupancy {} below residency {}", st.occupancy[t], resident[t]));
+                return Err(format!(
+                    "tier {t}: occupancy {} below residency {}",
+                    st.occupancy[t], resident[t]
+                ));
             }
             if st.occupancy[t] > slot.cap_blocks {
-                return Err(format!("tier {t}: occupancy {} over capacity {}", st.occupancy[t], slot.cap_blocks));
+                return Err(format!(
+                    "tier {t}: occupancy {} over capacity {}",
+                    st.occupancy[t], slot.cap_blocks
+                ));
             }
             if st.pinned[t] != pinned[t] {
-                return Err(format!("tier {t}: pinned counter {} != {}", st.pinned[t], pinned[t]));
+                return Err(format!(
+                    "tier {t}: pinned counter {} != {}",
+                    st.pinned[t], pinned[t]
+                ));
             }
         }
         Ok(())
@@ -1469,7 +1540,9 @@ impl PrefetchJob {
                     .map(|s| (TierId(s as u8), st.index.handle(p, TierId(s as u8))));
                 (src, info.key)
             };
-            let Some((s, Some(h))) = src else { return Ok(()) };
+            let Some((s, Some(h))) = src else {
+                return Ok(());
+            };
             let slot = &c.inner.tiers[s.0 as usize];
             if let Err(e) = slot.tier.read(h, &key, &mut buf).await {
                 slot.counters.read_errors.fetch_add(1, Ordering::Relaxed);

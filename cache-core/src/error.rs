@@ -16,7 +16,9 @@ pub enum CacheError {
     #[error("unknown namespace {0}")]
     UnknownNamespace(String),
     /// A namespace's blocks do not fit the tiers of this cache.
-    #[error("namespace blocks are {namespace} bytes but tier {tier} stores {tier_block} byte blocks")]
+    #[error(
+        "namespace blocks are {namespace} bytes but tier {tier} stores {tier_block} byte blocks"
+    )]
     NamespaceMismatch {
         /// Block size of the namespace.
         namespace: usize,

@@ -332,7 +332,10 @@ mod tests {
             s.remove(v);
             evicted.push(v.0);
         }
-        assert!(!evicted.contains(&0) && !evicted.contains(&1), "{evicted:?}");
+        assert!(
+            !evicted.contains(&0) && !evicted.contains(&1),
+            "{evicted:?}"
+        );
         assert_eq!(s.len(), 2);
     }
 

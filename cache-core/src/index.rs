@@ -131,7 +131,9 @@ impl RadixIndex {
     /// An empty index for pages of `page_size` tokens across `n_tiers` tiers.
     pub fn new(page_size: usize, n_tiers: usize) -> Result<Self, CacheError> {
         if page_size == 0 {
-            return Err(CacheError::InvalidConfig("page size must be positive".into()));
+            return Err(CacheError::InvalidConfig(
+                "page size must be positive".into(),
+            ));
         }
         if n_tiers == 0 || n_tiers > MAX_TIERS {
             return Err(CacheError::InvalidConfig(format!(
@@ -392,7 +394,7 @@ impl RadixIndex {
         now: u64,
     ) -> Result<Inserted, CacheError> {
         let ps = self.page_size;
-        if tokens.len() % ps != 0 {
+        if !tokens.len().is_multiple_of(ps) {
             return Err(CacheError::PartialPage {
                 tokens: tokens.len(),
                 page_size: ps as u32,
@@ -487,10 +489,24 @@ impl RadixIndex {
         }
         // Replace `node` by `upper` in the parent's children (same first token).
         let ch = &mut self.nodes[parent as usize].children;
-        if let Some(e) = ch.iter_mut().find(|e| e.1 .0 == node) {
+        if let Some(e) = ch.iter_mut().find(|e| e.1.0 == node) {
             *e = (first, NodeId(upper));
         }
         Ok(upper)
+    }
+
+    /// Returns the spare capacity of the node holding `p` (after a store that grew it in
+    /// several steps).
+    pub fn compact_node_of(&mut self, p: PageId) {
+        let Some(pg) = self.pages.get(p.0 as usize) else {
+            return;
+        };
+        if pg.node == NIL {
+            return;
+        }
+        let n = &mut self.nodes[pg.node as usize];
+        n.tokens.shrink_to_fit();
+        n.pages.shrink_to_fit();
     }
 
     /// Bookkeeping of a page.
@@ -637,14 +653,14 @@ impl RadixIndex {
                 let parent = self.nodes[node as usize].parent;
                 self.free_node(node);
                 let pch = &mut self.nodes[parent as usize].children;
-                if let Some(i) = pch.iter().position(|e| e.1 .0 == node) {
+                if let Some(i) = pch.iter().position(|e| e.1.0 == node) {
                     pch.remove(i);
                 }
                 let pn = &self.nodes[parent as usize];
                 if pn.parent == NIL {
                     None
                 } else if pn.children.len() == 1 {
-                    let only = pn.children[0].1 .0;
+                    let only = pn.children[0].1.0;
                     self.merge_child(parent, only);
                     None
                 } else if pn.children.is_empty() {
@@ -701,7 +717,11 @@ impl RadixIndex {
             }
             let i = i as u32;
             if n.tokens.len() != n.pages.len() * ps {
-                return Err(format!("node {i}: {} tokens for {} pages", n.tokens.len(), n.pages.len()));
+                return Err(format!(
+                    "node {i}: {} tokens for {} pages",
+                    n.tokens.len(),
+                    n.pages.len()
+                ));
             }
             let is_root = n.parent == NIL;
             if is_root {
@@ -713,11 +733,14 @@ impl RadixIndex {
                     return Err(format!("node {i} holds no page"));
                 }
                 let p = &self.nodes[n.parent as usize];
-                if !p.live || !p.children.iter().any(|e| e.1 .0 == i) {
+                if !p.live || !p.children.iter().any(|e| e.1.0 == i) {
                     return Err(format!("node {i} is not a child of its parent"));
                 }
                 if p.parent != NIL && p.children.len() == 1 {
-                    return Err(format!("node {i} is an only child of non-root {}", n.parent));
+                    return Err(format!(
+                        "node {i} is an only child of non-root {}",
+                        n.parent
+                    ));
                 }
             }
             for w in n.children.windows(2) {
@@ -752,7 +775,10 @@ impl RadixIndex {
             seen_pages += n.pages.len();
         }
         if seen_pages != self.live_pages {
-            return Err(format!("{seen_pages} pages in nodes, {} counted", self.live_pages));
+            return Err(format!(
+                "{seen_pages} pages in nodes, {} counted",
+                self.live_pages
+            ));
         }
         if self.node_count() < self.roots.len() {
             return Err("fewer nodes than roots".into());
@@ -769,7 +795,10 @@ mod tests {
 
     fn toks(pages: &[u32]) -> Vec<u32> {
         // Page i of the prompt is 16 copies of pages[i] (makes shared prefixes easy).
-        pages.iter().flat_map(|&p| std::iter::repeat_n(p, PS)).collect()
+        pages
+            .iter()
+            .flat_map(|&p| std::iter::repeat_n(p, PS))
+            .collect()
     }
 
     fn insert_resident(ix: &mut RadixIndex, root: NodeId, t: &[u32]) -> Inserted {
@@ -818,7 +847,8 @@ mod tests {
         assert_eq!(ix.node_count(), 2);
         assert_eq!(ix.match_prefix(r, &toks(&[1, 2, 3, 4, 5])).pages, 5);
         // Keys survive split and merge.
-        let keys: Vec<_> = ix.path(ix.match_prefix(r, &toks(&[1, 2, 3, 4, 5])).end)
+        let keys: Vec<_> = ix
+            .path(ix.match_prefix(r, &toks(&[1, 2, 3, 4, 5])).end)
             .iter()
             .map(|p| ix.page(*p).key)
             .collect();

@@ -47,8 +47,8 @@ pub mod testing;
 pub mod tier;
 
 pub use cache::{
-    CacheConfig, CacheEvent, CacheStats, EventKind, InsertReport, LookupResult, NamespaceHandle, PinGuard,
-    PrefetchJob, PrefetchOutcome, PrefetchPolicy, PrefetchTicket, ReadReport, TierSpec,
+    CacheConfig, CacheEvent, CacheStats, EventKind, InsertReport, LookupResult, NamespaceHandle,
+    PinGuard, PrefetchJob, PrefetchOutcome, PrefetchPolicy, PrefetchTicket, ReadReport, TierSpec,
     TierStats, TieredCache, WritePolicy,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -56,7 +56,9 @@ pub use error::CacheError;
 pub use eviction::{EvictionKind, EvictionPolicy, Lru, Sieve};
 pub use index::{MAX_TIERS, PageId, PrefixMatch, RadixIndex};
 pub use namespace::{BlockKey, KvDtype, KvLayout, KvShape, Namespace, TpShape};
-pub use tier::{Bandwidth, BlockHandle, ThroughputMeter, Tier, TierError, TierFuture, TierId, TierKind};
+pub use tier::{
+    Bandwidth, BlockHandle, ThroughputMeter, Tier, TierError, TierFuture, TierId, TierKind,
+};
 
 /// Runs a future to completion on the current thread. For synchronous callers of the async
 /// API whose tiers complete without an external reactor (memory tiers do).

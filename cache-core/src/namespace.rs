@@ -369,10 +369,7 @@ mod tests {
         for t in &tokens {
             input.extend_from_slice(&t.to_le_bytes());
         }
-        assert_eq!(
-            ns.page_keys(&tokens)[0].0,
-            *blake3::hash(&input).as_bytes()
-        );
+        assert_eq!(ns.page_keys(&tokens)[0].0, *blake3::hash(&input).as_bytes());
     }
 
     #[test]
@@ -392,7 +389,15 @@ mod tests {
             head_dim: 1,
         };
         let mk = |ps, shape, tp, salt: &[u8]| {
-            Namespace::new([0; 32], KvDtype::F16, KvLayout::PageFirst, ps, shape, tp, salt)
+            Namespace::new(
+                [0; 32],
+                KvDtype::F16,
+                KvLayout::PageFirst,
+                ps,
+                shape,
+                tp,
+                salt,
+            )
         };
         assert!(mk(8, shape, TpShape::default(), b"").is_err());
         assert!(mk(512, shape, TpShape::default(), b"").is_err());
@@ -428,7 +433,9 @@ mod tests {
         };
         assert!(mk(64, huge, TpShape::default(), b"").is_err());
         assert_eq!(
-            mk(64, shape, TpShape::default(), b"").unwrap().block_bytes(),
+            mk(64, shape, TpShape::default(), b"")
+                .unwrap()
+                .block_bytes(),
             2 * 64 * 2
         );
     }

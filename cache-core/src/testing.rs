@@ -90,7 +90,9 @@ impl Tier for MemTier {
             let start = Instant::now();
             let mut g = self.inner.lock();
             if g.fail_writes {
-                return Err(TierError::Io(std::io::Error::other("injected write failure")));
+                return Err(TierError::Io(std::io::Error::other(
+                    "injected write failure",
+                )));
             }
             if g.live >= self.capacity {
                 return Err(TierError::Full);

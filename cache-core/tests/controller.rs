@@ -35,7 +35,9 @@ fn toks(n_pages: usize, seed: u32) -> Vec<u32> {
 
 fn block(page: usize, seed: u8) -> Vec<u8> {
     let bs = ns(b"").block_bytes();
-    (0..bs).map(|i| (i as u8) ^ (page as u8).wrapping_mul(31) ^ seed).collect()
+    (0..bs)
+        .map(|i| (i as u8) ^ (page as u8).wrapping_mul(31) ^ seed)
+        .collect()
 }
 
 struct Setup {
@@ -123,11 +125,39 @@ fn bad_input_gets_typed_errors_and_loses_nothing() {
     let c = &s.cache;
 
     let e = block_on(c.insert(&h, &t[..20], &[&good])).unwrap_err();
-    assert!(matches!(e, CacheError::PartialPage { tokens: 20, page_size: 16 }), "{e}");
+    assert!(
+        matches!(
+            e,
+            CacheError::PartialPage {
+                tokens: 20,
+                page_size: 16
+            }
+        ),
+        "{e}"
+    );
     let e = block_on(c.insert(&h, &toks(2, 9), &[&good])).unwrap_err();
-    assert!(matches!(e, CacheError::BlockCount { pages: 2, blocks: 1 }), "{e}");
+    assert!(
+        matches!(
+            e,
+            CacheError::BlockCount {
+                pages: 2,
+                blocks: 1
+            }
+        ),
+        "{e}"
+    );
     let e = block_on(c.insert(&h, &toks(1, 9), &[&good[..10]])).unwrap_err();
-    assert!(matches!(e, CacheError::BlockSize { index: 0, got: 10, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            CacheError::BlockSize {
+                index: 0,
+                got: 10,
+                ..
+            }
+        ),
+        "{e}"
+    );
     let e = c.lookup(&h, &toks(65, 1)).unwrap_err();
     assert!(matches!(e, CacheError::TooManyTokens { .. }), "{e}");
     assert!(e.to_string().contains("limit of 1024 tokens"));
@@ -135,26 +165,45 @@ fn bad_input_gets_typed_errors_and_loses_nothing() {
     assert!(matches!(e, CacheError::LeaseInPast { .. }), "{e}");
     s.clock.advance(Duration::from_secs(5));
     let e = c.lease_until(&h, &t, 1_000_000_000).unwrap_err();
-    assert!(matches!(e, CacheError::LeaseInPast { past_by_ms: 4000 }), "{e}");
-    assert!(matches!(c.release(12345), Err(CacheError::UnknownLease(12345))));
-    assert!(matches!(block_on(c.evict(TierId(3), 1)), Err(CacheError::UnknownTier(_))));
+    assert!(
+        matches!(e, CacheError::LeaseInPast { past_by_ms: 4000 }),
+        "{e}"
+    );
+    assert!(matches!(
+        c.release(12345),
+        Err(CacheError::UnknownLease(12345))
+    ));
+    assert!(matches!(
+        block_on(c.evict(TierId(3), 1)),
+        Err(CacheError::UnknownTier(_))
+    ));
 
     // A handle from another cache names an unknown namespace here.
     let other = setup(&[8], WritePolicy::WriteBack);
     let foreign = other.cache.register(&ns(b"x")).unwrap();
-    assert!(matches!(c.lookup(&foreign, &t), Err(CacheError::UnknownNamespace(_))));
+    assert!(matches!(
+        c.lookup(&foreign, &t),
+        Err(CacheError::UnknownNamespace(_))
+    ));
     // A namespace with another block size or page size is refused.
     let big = Namespace::new(
         [3; 32],
         KvDtype::F32,
         KvLayout::PageFirst,
         PS as u32,
-        KvShape { num_layers: 2, num_kv_heads: 1, head_dim: 4 },
+        KvShape {
+            num_layers: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+        },
         TpShape::default(),
         b"",
     )
     .unwrap();
-    assert!(matches!(c.register(&big), Err(CacheError::NamespaceMismatch { .. })));
+    assert!(matches!(
+        c.register(&big),
+        Err(CacheError::NamespaceMismatch { .. })
+    ));
 
     // Nothing stored was lost.
     let (r, out) = read_all(c, &h, &t);
@@ -173,13 +222,25 @@ fn zero_and_absurd_capacities_are_refused() {
                 capacity_bytes: cap_bytes,
                 eviction: EvictionKind::Lru,
             }],
-            CacheConfig { page_size: PS as u32, ..CacheConfig::default() },
+            CacheConfig {
+                page_size: PS as u32,
+                ..CacheConfig::default()
+            },
         )
     };
     assert!(matches!(mk(0, 10), Err(CacheError::InvalidConfig(_))));
-    assert!(matches!(mk(bs as u64 - 1, 10), Err(CacheError::InvalidConfig(_))));
-    assert!(matches!(mk(100 * bs as u64, 10), Err(CacheError::InvalidConfig(_))));
-    assert!(matches!(mk(u64::MAX, u64::MAX), Err(CacheError::InvalidConfig(_))));
+    assert!(matches!(
+        mk(bs as u64 - 1, 10),
+        Err(CacheError::InvalidConfig(_))
+    ));
+    assert!(matches!(
+        mk(100 * bs as u64, 10),
+        Err(CacheError::InvalidConfig(_))
+    ));
+    assert!(matches!(
+        mk(u64::MAX, u64::MAX),
+        Err(CacheError::InvalidConfig(_))
+    ));
     assert!(mk(10 * bs as u64, 10).is_ok());
     assert!(TieredCache::new(vec![], CacheConfig::default()).is_err());
 }
@@ -266,7 +327,16 @@ fn prefetch_policies() {
     // Timeout with a deadline already passed: nothing is copied.
     let (ticket, job) = s
         .cache
-        .prefetch(&h, &t, TierId(0), PrefetchPolicy::Timeout { base: Duration::ZERO, per_page: Duration::ZERO }, Duration::from_secs(5))
+        .prefetch(
+            &h,
+            &t,
+            TierId(0),
+            PrefetchPolicy::Timeout {
+                base: Duration::ZERO,
+                per_page: Duration::ZERO,
+            },
+            Duration::from_secs(5),
+        )
         .unwrap();
     assert_eq!(block_on(job.run()), 0);
     let out = block_on(ticket.finish());
@@ -276,7 +346,13 @@ fn prefetch_policies() {
     // Best effort: the request is scheduled before the job ran; it copies nothing more.
     let (ticket, job) = s
         .cache
-        .prefetch(&h, &t, TierId(0), PrefetchPolicy::BestEffort, Duration::from_secs(5))
+        .prefetch(
+            &h,
+            &t,
+            TierId(0),
+            PrefetchPolicy::BestEffort,
+            Duration::from_secs(5),
+        )
         .unwrap();
     let waiter = std::thread::spawn(move || block_on(ticket.finish()));
     // finish() stops the job first thing; wait until the stop is visible to the job.
@@ -292,14 +368,27 @@ fn prefetch_policies() {
     // Wait-complete: everything arrives, and it is leased until released.
     let (ticket, job) = s
         .cache
-        .prefetch(&h, &t, TierId(0), PrefetchPolicy::WaitComplete, Duration::from_secs(5))
+        .prefetch(
+            &h,
+            &t,
+            TierId(0),
+            PrefetchPolicy::WaitComplete,
+            Duration::from_secs(5),
+        )
         .unwrap();
     assert_eq!(block_on(job.run()), 4);
     let out = block_on(ticket.finish());
     assert_eq!((out.matched, out.ready, out.error), (4, 4, None));
     assert_eq!(s.cache.lookup(&h, &t).unwrap().resident, vec![4, 4]);
-    assert_eq!(s.cache.stats().tiers[0].pinned_bytes, 4 * s.cache.block_bytes() as u64);
-    assert_eq!(block_on(s.cache.evict(TierId(0), 8)).unwrap(), 0, "leased pages stay");
+    assert_eq!(
+        s.cache.stats().tiers[0].pinned_bytes,
+        4 * s.cache.block_bytes() as u64
+    );
+    assert_eq!(
+        block_on(s.cache.evict(TierId(0), 8)).unwrap(),
+        0,
+        "leased pages stay"
+    );
     s.cache.release(out.lease).unwrap();
     assert_eq!(s.cache.stats().tiers[0].pinned_bytes, 0);
     assert_eq!(block_on(s.cache.evict(TierId(0), 8)).unwrap(), 4);
@@ -318,7 +407,10 @@ fn leases_expire_at_their_deadline() {
     assert_eq!(block_on(s.cache.evict(TierId(0), 4)).unwrap(), 0);
     s.clock.advance(Duration::from_secs(1));
     assert_eq!(block_on(s.cache.evict(TierId(0), 4)).unwrap(), 2);
-    assert!(matches!(s.cache.release(id), Err(CacheError::UnknownLease(_))));
+    assert!(matches!(
+        s.cache.release(id),
+        Err(CacheError::UnknownLease(_))
+    ));
     assert_eq!(s.cache.stats().pages, 0);
 }
 

@@ -210,8 +210,7 @@ fn run(ops: Vec<Op>, policy: WritePolicy, eviction: EvictionKind) -> Result<(), 
                 clock.advance(Duration::from_millis(*ms));
                 cache.expire_leases();
                 let now = clock.now_nanos();
-                let (expired, kept): (Vec<_>, Vec<_>) =
-                    leases.drain(..).partition(|l| l.1 <= now);
+                let (expired, kept): (Vec<_>, Vec<_>) = leases.drain(..).partition(|l| l.1 <= now);
                 leases = kept;
                 for (id, _, keys) in expired {
                     prop_assert!(cache.release(id).is_err(), "expired lease still held");
@@ -285,7 +284,13 @@ fn run(ops: Vec<Op>, policy: WritePolicy, eviction: EvictionKind) -> Result<(), 
                 // The other tenant never sees this one's pages unless it stored them too.
                 let other = 1 - n;
                 let theirs = present_prefix(&model, other, s).len();
-                prop_assert_eq!(cache.lookup(&handles[other], &tokens(s)).unwrap().matched_pages, theirs);
+                prop_assert_eq!(
+                    cache
+                        .lookup(&handles[other], &tokens(s))
+                        .unwrap()
+                        .matched_pages,
+                    theirs
+                );
             }
             Op::Read(n, s) => {
                 let keys = present_prefix(&model, *n, s);

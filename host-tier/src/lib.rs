@@ -185,10 +185,11 @@ impl HostPool {
                     what: "duplicating the memfd",
                     source,
                 })?);
-                file.set_len(len as u64).map_err(|source| HostTierError::Os {
-                    what: "sizing the memfd",
-                    source,
-                })?;
+                file.set_len(len as u64)
+                    .map_err(|source| HostTierError::Os {
+                        what: "sizing the memfd",
+                        source,
+                    })?;
                 let mut o = MmapOptions::new();
                 o.len(len);
                 if cfg.prefault {
@@ -409,7 +410,9 @@ mod tests {
         let pool = HostPool::new(HostPoolConfig::new(5000, 3 * 8192)).unwrap();
         assert_eq!(pool.slot_size(), 8192);
         assert_eq!(pool.slots(), 3);
-        let hs: Vec<_> = (0..3).map(|i| pool.put(&pattern(i, 5000)).unwrap()).collect();
+        let hs: Vec<_> = (0..3)
+            .map(|i| pool.put(&pattern(i, 5000)).unwrap())
+            .collect();
         assert!(matches!(pool.put(&pattern(9, 5000)), Err(TierError::Full)));
         let mut out = vec![0; 5000];
         for (i, h) in hs.iter().enumerate() {
@@ -417,7 +420,10 @@ mod tests {
             assert_eq!(out, pattern(i as u64, 5000));
         }
         pool.release(hs[1]);
-        assert!(matches!(pool.get(hs[1], &mut out), Err(TierError::BadHandle(_))));
+        assert!(matches!(
+            pool.get(hs[1], &mut out),
+            Err(TierError::BadHandle(_))
+        ));
         pool.release(hs[1]); // double free is ignored
         assert_eq!(pool.free_slots(), 1);
         assert!(pool.put(&pattern(4, 5000)).is_ok());
@@ -429,9 +435,15 @@ mod tests {
         assert!(HostPool::new(HostPoolConfig::new(0, 1 << 20)).is_err());
         assert!(HostPool::new(HostPoolConfig::new(8192, 100)).is_err());
         let pool = HostPool::new(HostPoolConfig::new(4096, 1 << 16)).unwrap();
-        assert!(matches!(pool.put(&[0; 10]), Err(TierError::BufferSize { .. })));
+        assert!(matches!(
+            pool.put(&[0; 10]),
+            Err(TierError::BufferSize { .. })
+        ));
         let h = pool.put(&[1; 4096]).unwrap();
-        assert!(matches!(pool.get(h, &mut [0; 10]), Err(TierError::BufferSize { .. })));
+        assert!(matches!(
+            pool.get(h, &mut [0; 10]),
+            Err(TierError::BufferSize { .. })
+        ));
         assert!(matches!(
             pool.get(BlockHandle(u64::MAX), &mut [0; 4096]),
             Err(TierError::BadHandle(_))
@@ -461,7 +473,8 @@ mod tests {
 
     #[test]
     fn threads_share_the_free_list() {
-        let pool = std::sync::Arc::new(HostPool::new(HostPoolConfig::new(4096, 64 * 4096)).unwrap());
+        let pool =
+            std::sync::Arc::new(HostPool::new(HostPoolConfig::new(4096, 64 * 4096)).unwrap());
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let pool = pool.clone();

@@ -56,7 +56,11 @@ fn prompt(rng: &mut Rng) -> Vec<u32> {
     let mut t = Vec::with_capacity(pages * PS);
     let system = rng.below(3) as u32;
     for p in 0..pages {
-        let v = if p < 3 { system * 1000 + p as u32 } else { rng.below(4) as u32 };
+        let v = if p < 3 {
+            system * 1000 + p as u32
+        } else {
+            rng.below(4) as u32
+        };
         t.extend(std::iter::repeat_n(v, PS));
     }
     t
@@ -91,7 +95,10 @@ fn run(policy: WritePolicy, eviction: EvictionKind) {
         },
     )
     .unwrap();
-    let handles: Vec<_> = namespaces.iter().map(|n| cache.register(n).unwrap()).collect();
+    let handles: Vec<_> = namespaces
+        .iter()
+        .map(|n| cache.register(n).unwrap())
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(secs);
     let reads = Arc::new(AtomicU64::new(0));
     let threads: Vec<_> = (0..4u64)
@@ -109,7 +116,8 @@ fn run(policy: WritePolicy, eviction: EvictionKind) {
                     match rng.below(10) {
                         0..=3 => {
                             let keys = namespaces[n].page_keys(&t);
-                            let blocks: Vec<Vec<u8>> = keys.iter().map(|k| block_for(k, bs)).collect();
+                            let blocks: Vec<Vec<u8>> =
+                                keys.iter().map(|k| block_for(k, bs)).collect();
                             let refs: Vec<&[u8]> = blocks.iter().map(|b| b.as_slice()).collect();
                             match block_on(cache.insert(&handles[n], &t, &refs)) {
                                 Ok(_) | Err(CacheError::TierFull(_)) => {}
@@ -125,7 +133,11 @@ fn run(policy: WritePolicy, eviction: EvictionKind) {
                             let mut out = vec![Vec::new(); keys.len()];
                             let r = block_on(cache.read(&handles[n], &t, &mut out)).unwrap();
                             for i in 0..r.read {
-                                assert_eq!(out[i], block_for(&keys[i], bs), "wrong bytes for page {i}");
+                                assert_eq!(
+                                    out[i],
+                                    block_for(&keys[i], bs),
+                                    "wrong bytes for page {i}"
+                                );
                             }
                             reads.fetch_add(r.read as u64, Ordering::Relaxed);
                         }
@@ -148,7 +160,10 @@ fn run(policy: WritePolicy, eviction: EvictionKind) {
     for t in threads {
         t.join().expect("a stress thread panicked");
     }
-    assert!(reads.load(Ordering::Relaxed) > 0, "the stress run read nothing");
+    assert!(
+        reads.load(Ordering::Relaxed) > 0,
+        "the stress run read nothing"
+    );
     cache.check_invariants().unwrap();
     let st = cache.stats();
     assert!(st.tiers[0].resident_bytes <= st.tiers[0].capacity_bytes);
@@ -181,5 +196,8 @@ fn stress_write_through_sieve() {
 
 #[test]
 fn stress_selective_lru() {
-    run(WritePolicy::WriteThroughSelective { hits: 2 }, EvictionKind::Lru);
+    run(
+        WritePolicy::WriteThroughSelective { hits: 2 },
+        EvictionKind::Lru,
+    );
 }

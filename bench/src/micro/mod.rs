@@ -1,0 +1,41 @@
+//! Micro suites.
+
+mod host;
+mod index;
+
+/// The micro suites.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Suite {
+    /// Radix index: match time against memcmp, memory per page, insert rate.
+    Index,
+    /// G2 host pool: block read/write throughput against memcpy.
+    Host,
+}
+
+/// One figure.
+pub struct Figure {
+    /// Name, `suite.what`.
+    pub name: String,
+    /// Value.
+    pub value: String,
+    /// Unit.
+    pub unit: &'static str,
+}
+
+impl Figure {
+    fn new(name: &str, value: f64, digits: usize, unit: &'static str) -> Self {
+        Figure {
+            name: name.to_string(),
+            value: format!("{value:.digits$}"),
+            unit,
+        }
+    }
+}
+
+/// Runs a suite.
+pub fn run(suite: Suite, quick: bool) -> anyhow::Result<Vec<Figure>> {
+    match suite {
+        Suite::Index => index::run(quick),
+        Suite::Host => host::run(quick),
+    }
+}
