@@ -711,7 +711,7 @@ impl TieredCache {
         while done < pages && failure.is_none() {
             let end = (done + batch_max).min(pages);
             // Write a batch without the lock.
-            let mut handles = Vec::with_capacity(end - done);
+            let mut staging = Staging::new(self, t);
             let mut keys = Vec::with_capacity(end - done);
             for i in done..end {
                 let key = prev_key.chain(&tokens[i * ps..(i + 1) * ps]);
@@ -719,25 +719,27 @@ impl TieredCache {
                     failure = Some(e);
                     break;
                 }
+                staging.reserved += 1;
                 match slot.tier.write(&key, blocks[i]).await {
                     Ok(h) => {
                         slot.counters
                             .bytes_in
                             .fetch_add(self.inner.block_bytes as u64, Ordering::Relaxed);
-                        handles.push(h);
+                        staging.reserved -= 1;
+                        staging.written.push(h);
                         keys.push(key);
                         prev_key = key;
                     }
                     Err(e) => {
-                        self.inner.state.write().unreserve(t);
                         failure = Some(CacheError::Tier { tier: t, source: e });
                         break;
                     }
                 }
             }
-            if handles.is_empty() {
+            if staging.written.is_empty() {
                 break;
             }
+            let handles = std::mem::take(&mut staging.written);
             let written = done + handles.len();
             // Record it. Another caller may have stored some of the same pages meanwhile;
             // a lost page (resident nowhere) takes our copy.
@@ -745,9 +747,18 @@ impl TieredCache {
             {
                 let now = self.now();
                 let mut st = self.inner.state.write();
-                let ins = st
+                let ins = match st
                     .index
-                    .insert(ns.root, ns.root_key, &tokens[..written * ps], now)?;
+                    .insert(ns.root, ns.root_key, &tokens[..written * ps], now)
+                {
+                    Ok(ins) => ins,
+                    Err(e) => {
+                        for h in handles {
+                            st.free_block(t, h);
+                        }
+                        return Err(e);
+                    }
+                };
                 for (i, &h) in handles.iter().enumerate() {
                     let pos = done + i;
                     let p = ins.pages[pos];
@@ -812,7 +823,8 @@ impl TieredCache {
         }
     }
 
-    /// Writes `data` (the bytes of pinned page `p`) into tier `t` and records it there.
+    /// Writes `data` (the bytes of page `p`, which the caller keeps pinned) into tier `t`
+    /// and records it there. A no-op if the page is already there or on its way.
     async fn copy_into(
         &self,
         p: PageId,
@@ -822,42 +834,38 @@ impl TieredCache {
     ) -> Result<(), CacheError> {
         {
             let mut st = self.inner.state.write();
+            debug_assert!(!st.index.is_live(p) || st.index.page(p).pins > 0);
             if !st.index.is_live(p) || st.index.handle(p, t).is_some() || st.index.is_pending(p, t)
             {
                 return Ok(());
             }
             st.index.set_pending(p, t, true);
         }
-        let res = async {
-            self.reserve(t).await?;
-            let slot = self.tier(t)?;
-            match slot.tier.write(&key, data).await {
-                Ok(h) => {
-                    slot.counters
-                        .bytes_in
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    Ok(h)
-                }
-                Err(e) => {
-                    self.inner.state.write().unreserve(t);
-                    Err(CacheError::Tier { tier: t, source: e })
-                }
-            }
-        }
-        .await;
+        let _mark = PendingMark {
+            cache: self,
+            page: p,
+            tier: t,
+        };
+        let mut staging = Staging::new(self, t);
+        self.reserve(t).await?;
+        staging.reserved = 1;
+        let slot = self.tier(t)?;
+        let h = slot
+            .tier
+            .write(&key, data)
+            .await
+            .map_err(|e| CacheError::Tier { tier: t, source: e })?;
+        slot.counters
+            .bytes_in
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        staging.reserved = 0;
         let mut st = self.inner.state.write();
-        st.index.set_pending(p, t, false);
-        match res {
-            Ok(h) => {
-                if st.index.is_live(p) {
-                    st.make_resident(p, t, h);
-                } else {
-                    st.free_block(t, h);
-                }
-                Ok(())
-            }
-            Err(e) => Err(e),
+        if st.index.is_live(p) {
+            st.make_resident(p, t, h);
+        } else {
+            st.free_block(t, h);
         }
+        Ok(())
     }
 
     /// Reserves one block of room in tier `t`, evicting (and demoting) as needed.
@@ -868,6 +876,9 @@ impl TieredCache {
     {
         Box::pin(async move {
             let cap = self.tier(t)?.cap_blocks;
+            // Victims that were pinned again while being demoted; bounded so that a page
+            // that keeps coming back cannot spin this loop.
+            let mut skipped = 0;
             loop {
                 let victim = {
                     let now = self.now();
@@ -879,13 +890,18 @@ impl TieredCache {
                     }
                     self.pick_victim(&mut st, t)?
                 };
-                if let Err(e) = self.handle_victim(t, victim).await {
+                match self.handle_victim(t, victim).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        skipped += 1;
+                        if skipped > 64 {
+                            return Err(CacheError::TierFull(t));
+                        }
+                    }
                     // The victim could not move down; nothing else is tried, so that a
                     // full lower tier cannot spin this loop.
-                    return Err(match e {
-                        CacheError::TierFull(_) => CacheError::TierFull(t),
-                        other => other,
-                    });
+                    Err(CacheError::TierFull(_)) => return Err(CacheError::TierFull(t)),
+                    Err(e) => return Err(e),
                 }
             }
         })
@@ -1190,6 +1206,21 @@ impl TieredCache {
         Ok(self.register_lease(pages, deadline))
     }
 
+    /// Like [`TieredCache::lease`], but the lease also ends when the returned guard drops.
+    pub fn lease_guard(
+        &self,
+        ns: &NamespaceHandle,
+        tokens: &[u32],
+        ttl: Duration,
+    ) -> Result<LeaseGuard, CacheError> {
+        let (id, pages) = self.lease(ns, tokens, ttl)?;
+        Ok(LeaseGuard {
+            cache: self.clone(),
+            id,
+            pages,
+        })
+    }
+
     /// Leases with an absolute deadline in clock nanoseconds.
     pub fn lease_until(
         &self,
@@ -1385,6 +1416,86 @@ impl TieredCache {
     }
 }
 
+/// A lease that ends at its deadline or when dropped, whichever comes first.
+pub struct LeaseGuard {
+    cache: TieredCache,
+    id: u64,
+    pages: usize,
+}
+
+impl LeaseGuard {
+    /// The lease id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Pages leased.
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        // Already expired is fine: the pages were released then.
+        let _ = self.cache.release(self.id);
+    }
+}
+
+/// Room reserved in one tier and blocks written there but not yet recorded in the index.
+/// Whatever is still here when it drops (the future was cancelled, or an error cut the
+/// store short) is given back: blocks freed, reservations released.
+struct Staging {
+    cache: TieredCache,
+    tier: TierId,
+    reserved: usize,
+    written: Vec<BlockHandle>,
+}
+
+impl Staging {
+    fn new(cache: &TieredCache, tier: TierId) -> Self {
+        Staging {
+            cache: cache.clone(),
+            tier,
+            reserved: 0,
+            written: Vec::new(),
+        }
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if self.reserved == 0 && self.written.is_empty() {
+            return;
+        }
+        let mut st = self.cache.inner.state.write();
+        for h in self.written.drain(..) {
+            st.free_block(self.tier, h);
+        }
+        for _ in 0..self.reserved {
+            st.unreserve(self.tier);
+        }
+    }
+}
+
+/// Clears a page's "copy in flight" mark when the copy ends or is cancelled.
+struct PendingMark<'a> {
+    cache: &'a TieredCache,
+    page: PageId,
+    tier: TierId,
+}
+
+impl Drop for PendingMark<'_> {
+    fn drop(&mut self) {
+        self.cache
+            .inner
+            .state
+            .write()
+            .index
+            .set_pending(self.page, self.tier, false);
+    }
+}
+
 /// Pages pinned by [`TieredCache::pin`] (or internally); unpinned on drop.
 pub struct PinGuard {
     cache: TieredCache,
@@ -1524,9 +1635,10 @@ impl PrefetchJob {
             {
                 return Ok(());
             }
-            // Source: the fastest tier holding the page (leased, so it stays).
-            let (src, key) = {
-                let st = c.inner.state.read();
+            // Source: the fastest tier holding the page. Pinned for the copy: the lease may
+            // expire while we work.
+            let (src, key, _pin) = {
+                let mut st = c.inner.state.write();
                 if !st.index.is_live(p) {
                     return Ok(());
                 }
@@ -1538,7 +1650,12 @@ impl PrefetchJob {
                 let src = (0..c.inner.tiers.len())
                     .find(|&s| info.resident >> s & 1 == 1)
                     .map(|s| (TierId(s as u8), st.index.handle(p, TierId(s as u8))));
-                (src, info.key)
+                st.pin_page(p);
+                let pin = PinGuard {
+                    cache: c.clone(),
+                    pages: vec![p],
+                };
+                (src, info.key, pin)
             };
             let Some((s, Some(h))) = src else {
                 return Ok(());

@@ -47,9 +47,9 @@ pub mod testing;
 pub mod tier;
 
 pub use cache::{
-    CacheConfig, CacheEvent, CacheStats, EventKind, InsertReport, LookupResult, NamespaceHandle,
-    PinGuard, PrefetchJob, PrefetchOutcome, PrefetchPolicy, PrefetchTicket, ReadReport, TierSpec,
-    TierStats, TieredCache, WritePolicy,
+    CacheConfig, CacheEvent, CacheStats, EventKind, InsertReport, LeaseGuard, LookupResult,
+    NamespaceHandle, PinGuard, PrefetchJob, PrefetchOutcome, PrefetchPolicy, PrefetchTicket,
+    ReadReport, TierSpec, TierStats, TieredCache, WritePolicy,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::CacheError;

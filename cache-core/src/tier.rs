@@ -91,6 +91,9 @@ pub type TierFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, TierError>> +
 /// - `read` of a live handle returns exactly the bytes written, or an error; never other
 ///   bytes (tiers that can corrupt verify a checksum and answer [`TierError::Corrupt`]).
 /// - `free` is called exactly once per handle, after the last read of it has completed.
+/// - A `write` future dropped before it completes leaves no block behind (the tier frees
+///   it itself), and a dropped `read` future never writes into `out` afterwards (stage
+///   through buffers the tier owns if the I/O can outlive the future).
 pub trait Tier: Send + Sync {
     /// The kind of storage.
     fn kind(&self) -> TierKind;

@@ -445,3 +445,95 @@ fn a_failing_tier_write_is_an_error_and_keeps_the_rest() {
     assert_eq!(read_all(&s.cache, &h, &t).0.read, 2);
     s.cache.check_invariants().unwrap();
 }
+
+/// A tier whose writes pause once before completing, so a test can drop a store midway.
+struct SlowTier(MemTier);
+
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            std::task::Poll::Ready(())
+        } else {
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    }
+}
+
+impl Tier for SlowTier {
+    fn kind(&self) -> TierKind {
+        self.0.kind()
+    }
+    fn block_size(&self) -> usize {
+        self.0.block_size()
+    }
+    fn capacity_blocks(&self) -> u64 {
+        self.0.capacity_blocks()
+    }
+    fn write<'a>(&'a self, key: &'a BlockKey, data: &'a [u8]) -> TierFuture<'a, BlockHandle> {
+        Box::pin(async move {
+            YieldOnce(false).await;
+            self.0.write(key, data).await
+        })
+    }
+    fn read<'a>(
+        &'a self,
+        h: BlockHandle,
+        key: &'a BlockKey,
+        out: &'a mut [u8],
+    ) -> TierFuture<'a, ()> {
+        self.0.read(h, key, out)
+    }
+    fn free(&self, h: BlockHandle) {
+        self.0.free(h)
+    }
+    fn bandwidth(&self) -> Bandwidth {
+        self.0.bandwidth()
+    }
+}
+
+#[test]
+fn a_cancelled_store_leaves_nothing_behind() {
+    let bs = ns(b"").block_bytes();
+    let tier = Arc::new(SlowTier(MemTier::new(TierKind::Host, bs, 4)));
+    let cache = TieredCache::new(
+        vec![TierSpec {
+            tier: tier.clone(),
+            capacity_bytes: 4 * bs as u64,
+            eviction: EvictionKind::Lru,
+        }],
+        CacheConfig {
+            page_size: PS as u32,
+            write_policy: WritePolicy::WriteBack,
+            ..CacheConfig::default()
+        },
+    )
+    .unwrap();
+    let h = cache.register(&ns(b"")).unwrap();
+    let t = toks(4, 8);
+    let blocks: Vec<Vec<u8>> = (0..4).map(|i| block(i, 0)).collect();
+    let refs: Vec<&[u8]> = blocks.iter().map(|b| b.as_slice()).collect();
+    {
+        let mut fut = Box::pin(cache.insert(&h, &t, &refs));
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        // First poll: the first write pauses. Second: first block written, second pauses.
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(tier.0.live_blocks(), 1);
+    } // dropped midway
+    assert_eq!(tier.0.live_blocks(), 0, "the written block was given back");
+    cache.check_invariants().unwrap();
+    assert_eq!(cache.lookup(&h, &t).unwrap().matched_pages, 0);
+    // The whole capacity is still usable.
+    let rep = block_on(cache.insert(&h, &t, &refs)).unwrap();
+    assert_eq!(rep.stored, 4);
+    assert_eq!(read_all(&cache, &h, &t).0.read, 4);
+}
