@@ -35,7 +35,7 @@ use crate::error::CacheError;
 use crate::eviction::{EvictionKind, EvictionPolicy};
 use crate::index::{MAX_TIERS, NodeId, PageId, RadixIndex};
 use crate::namespace::{BlockKey, Namespace};
-use crate::tier::{BlockHandle, Tier, TierId, TierKind};
+use crate::tier::{BlockHandle, BlockMeta, Tier, TierError, TierId, TierKind};
 
 /// When blocks are copied down to slower tiers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -281,6 +281,8 @@ struct Inner {
     block_bytes: usize,
     clock: Arc<dyn Clock>,
     lookups: AtomicU64,
+    /// Some tier can find blocks by key that the index does not know.
+    adopting: bool,
 }
 
 /// The tiered KV-block cache. Cheap to clone; every clone is the same cache.
@@ -335,6 +337,7 @@ impl State {
 
     fn make_resident(&mut self, p: PageId, t: TierId, h: BlockHandle) {
         self.emit(EventKind::Stored, p, t);
+        self.tier_refs[t.0 as usize].set_tag(h, u64::from(p.0));
         self.index.set_resident(p, t, h);
         self.policies[t.0 as usize].insert(p);
         if self.index.page(p).pins > 0 {
@@ -370,6 +373,23 @@ impl State {
             self.index.remove_leaf(p);
         }
         true
+    }
+
+    /// Work done at every exclusive acquisition: expired leases end, and blocks that tiers
+    /// dropped on their own leave the index.
+    fn housekeeping(&mut self, now: u64) {
+        self.expire_leases(now);
+        for t in 0..self.tier_refs.len() {
+            let dropped = self.tier_refs[t].take_dropped();
+            for (h, tag) in dropped {
+                let Ok(p) = u32::try_from(tag).map(PageId) else {
+                    continue;
+                };
+                if self.index.is_live(p) && self.index.handle(p, TierId(t as u8)) == Some(h) {
+                    self.drop_resident(p, TierId(t as u8));
+                }
+            }
+        }
     }
 
     fn expire_leases(&mut self, now: u64) {
@@ -498,6 +518,7 @@ impl TieredCache {
             copy_down: Vec::new(),
             events: tokio::sync::broadcast::channel(config.event_buffer.max(1)).0,
         };
+        let adopting = tiers.iter().any(|t| t.tier.can_adopt());
         Ok(TieredCache {
             inner: Arc::new(Inner {
                 state: RwLock::new(state),
@@ -506,6 +527,7 @@ impl TieredCache {
                 block_bytes,
                 clock,
                 lookups: AtomicU64::new(0),
+                adopting,
             }),
         })
     }
@@ -598,10 +620,90 @@ impl TieredCache {
         self.inner.clock.now_nanos()
     }
 
+    /// Extends the tree with pages that tiers able to find blocks by key hold but the index
+    /// does not know (a disk tier after a restart): for each page past the match, in order,
+    /// the first such tier with room that has its key adopts it. Stops at the first page
+    /// no tier has. Hashes only the pages past the match, and only when such a tier exists.
+    fn adopt_suffix(&self, ns: &NamespaceHandle, tokens: &[u32]) {
+        if !self.inner.adopting {
+            return;
+        }
+        let ps = self.inner.config.page_size as usize;
+        let whole = tokens.len() / ps;
+        if self
+            .inner
+            .state
+            .read()
+            .index
+            .match_prefix(ns.root, tokens)
+            .pages
+            == whole
+        {
+            return;
+        }
+        let now = self.now();
+        let mut st = self.inner.state.write();
+        st.housekeeping(now);
+        let m = st.index.match_prefix(ns.root, tokens);
+        let mut prev = match st.index.path(m.end).last() {
+            Some(&p) => st.index.page(p).key,
+            None => ns.root_key,
+        };
+        let mut found: Vec<(TierId, BlockHandle)> = Vec::new();
+        for page in m.pages..whole {
+            let key = prev.chain(&tokens[page * ps..(page + 1) * ps]);
+            let mut hit = None;
+            for (t, slot) in self.inner.tiers.iter().enumerate() {
+                if !slot.tier.can_adopt() || st.occupancy[t] >= slot.cap_blocks {
+                    continue;
+                }
+                if let Some(h) = slot.tier.adopt(&key) {
+                    st.occupancy[t] += 1;
+                    hit = Some((TierId(t as u8), h));
+                    break;
+                }
+            }
+            let Some(hit) = hit else { break };
+            found.push(hit);
+            prev = key;
+        }
+        if found.is_empty() {
+            return;
+        }
+        let end = m.pages + found.len();
+        match st
+            .index
+            .insert(ns.root, ns.root_key, &tokens[..end * ps], now)
+        {
+            Ok(ins) => {
+                for (i, (t, h)) in found.into_iter().enumerate() {
+                    let pos = m.pages + i;
+                    let p = ins.pages[pos];
+                    if pos < ins.first_new && st.index.page(p).resident & (1 << t.0) != 0 {
+                        st.free_block(t, h);
+                    } else if st.index.handle(p, t).is_none() {
+                        st.make_resident(p, t, h);
+                    } else {
+                        st.free_block(t, h);
+                    }
+                }
+            }
+            Err(_) => {
+                for (t, h) in found {
+                    st.free_block(t, h);
+                }
+            }
+        }
+    }
+
     /// Longest cached prefix of `tokens` (a trailing partial page is ignored), with how many
     /// of its pages each tier holds. Takes the lock shared and changes nothing but counters.
     pub fn lookup(&self, ns: &NamespaceHandle, tokens: &[u32]) -> Result<LookupResult, CacheError> {
         self.check_tokens(tokens, false)?;
+        if self.inner.adopting {
+            self.check_handle(ns)?;
+            self.adopt_suffix(ns, tokens);
+        }
         let m = {
             let st = self.inner.state.read();
             match st.namespaces.get(&ns.root_key) {
@@ -676,13 +778,14 @@ impl TieredCache {
             }
         }
         self.check_handle(ns)?;
+        self.adopt_suffix(ns, tokens);
         let t = self.inner.config.insert_tier;
         let slot = self.tier(t)?;
         // The existing prefix; its last page is pinned so that new pages keep a parent.
         let (existing, mut tail, mut prev_key) = {
             let now = self.now();
             let mut st = self.inner.state.write();
-            st.expire_leases(now);
+            st.housekeeping(now);
             let m = st.index.match_prefix(ns.root, tokens);
             let path = st.index.path(m.end);
             for &p in path.iter().rev() {
@@ -720,7 +823,12 @@ impl TieredCache {
                     break;
                 }
                 staging.reserved += 1;
-                match slot.tier.write(&key, blocks[i]).await {
+                let meta = BlockMeta {
+                    key,
+                    namespace: ns.root_key,
+                    hits: 0,
+                };
+                match slot.tier.write(&meta, blocks[i]).await {
                     Ok(h) => {
                         slot.counters
                             .bytes_in
@@ -793,7 +901,7 @@ impl TieredCache {
                 'lower: for lower in (t.0 as usize + 1)..self.inner.tiers.len() {
                     for &(p, pos) in &new_pages {
                         if self
-                            .copy_into(p, keys[pos - done], TierId(lower as u8), blocks[pos])
+                            .copy_into(p, TierId(lower as u8), blocks[pos])
                             .await
                             .is_err()
                         {
@@ -825,14 +933,8 @@ impl TieredCache {
 
     /// Writes `data` (the bytes of page `p`, which the caller keeps pinned) into tier `t`
     /// and records it there. A no-op if the page is already there or on its way.
-    async fn copy_into(
-        &self,
-        p: PageId,
-        key: BlockKey,
-        t: TierId,
-        data: &[u8],
-    ) -> Result<(), CacheError> {
-        {
+    async fn copy_into(&self, p: PageId, t: TierId, data: &[u8]) -> Result<(), CacheError> {
+        let meta = {
             let mut st = self.inner.state.write();
             debug_assert!(!st.index.is_live(p) || st.index.page(p).pins > 0);
             if !st.index.is_live(p) || st.index.handle(p, t).is_some() || st.index.is_pending(p, t)
@@ -840,7 +942,13 @@ impl TieredCache {
                 return Ok(());
             }
             st.index.set_pending(p, t, true);
-        }
+            let info = st.index.page(p);
+            BlockMeta {
+                key: info.key,
+                namespace: st.index.namespace_of(p).unwrap_or(info.key),
+                hits: info.hits,
+            }
+        };
         let _mark = PendingMark {
             cache: self,
             page: p,
@@ -852,7 +960,7 @@ impl TieredCache {
         let slot = self.tier(t)?;
         let h = slot
             .tier
-            .write(&key, data)
+            .write(&meta, data)
             .await
             .map_err(|e| CacheError::Tier { tier: t, source: e })?;
         slot.counters
@@ -883,7 +991,7 @@ impl TieredCache {
                 let victim = {
                     let now = self.now();
                     let mut st = self.inner.state.write();
-                    st.expire_leases(now);
+                    st.housekeeping(now);
                     if st.occupancy[t.0 as usize] < cap {
                         st.occupancy[t.0 as usize] += 1;
                         return Ok(());
@@ -964,7 +1072,7 @@ impl TieredCache {
                         slot.counters
                             .bytes_out
                             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-                        (true, self.copy_into(page, key, lower, &buf).await)
+                        (true, self.copy_into(page, lower, &buf).await)
                     }
                     Err(_) => {
                         slot.counters.read_errors.fetch_add(1, Ordering::Relaxed);
@@ -980,11 +1088,22 @@ impl TieredCache {
                     st.unpin_page(page);
                     let info = st.index.page(page);
                     let here = st.index.is_live(page) && info.resident >> t.0 & 1 == 1;
-                    // An unreadable copy goes whatever else holds the page (fail closed).
+                    // An unreadable copy goes whatever else holds the page (fail closed);
+                    // so does one the tier below declined (its admission policy says the
+                    // page is not worth keeping).
+                    let declined = matches!(
+                        copied,
+                        Err(CacheError::Tier {
+                            source: TierError::Rejected,
+                            ..
+                        })
+                    );
                     let evictable = here
                         && (!readable
                             || (info.pins == 0
-                                && (info.resident & !(1 << t.0) != 0 || st.index.is_leaf(page))));
+                                && (declined
+                                    || info.resident & !(1 << t.0) != 0
+                                    || st.index.is_leaf(page))));
                     if evictable {
                         slot.counters.evictions.fetch_add(1, Ordering::Relaxed);
                         st.drop_resident(page, t)
@@ -992,8 +1111,14 @@ impl TieredCache {
                         false
                     }
                 };
-                copied?;
-                Ok(evicted)
+                match copied {
+                    Err(CacheError::Tier {
+                        source: TierError::Rejected,
+                        ..
+                    }) => Ok(evicted),
+                    Err(e) => Err(e),
+                    Ok(()) => Ok(evicted),
+                }
             }
         }
     }
@@ -1007,7 +1132,7 @@ impl TieredCache {
             let v = {
                 let now = self.now();
                 let mut st = self.inner.state.write();
-                st.expire_leases(now);
+                st.housekeeping(now);
                 match self.pick_victim(&mut st, t) {
                     Ok(v) => v,
                     Err(CacheError::TierFull(_)) => break,
@@ -1029,6 +1154,7 @@ impl TieredCache {
     pub fn pin(&self, ns: &NamespaceHandle, tokens: &[u32]) -> Result<PinGuard, CacheError> {
         self.check_tokens(tokens, false)?;
         self.check_handle(ns)?;
+        self.adopt_suffix(ns, tokens);
         let pages = self.acquire(ns, tokens, usize::MAX, true);
         Ok(PinGuard {
             cache: self.clone(),
@@ -1046,7 +1172,7 @@ impl TieredCache {
     ) -> Vec<PageId> {
         let now = self.now();
         let mut st = self.inner.state.write();
-        st.expire_leases(now);
+        st.housekeeping(now);
         let m = st.index.match_prefix(ns.root, tokens);
         let mut pages = st.index.path(m.end);
         pages.truncate(max_pages);
@@ -1084,6 +1210,7 @@ impl TieredCache {
     ) -> Result<ReadReport, CacheError> {
         self.check_tokens(tokens, false)?;
         self.check_handle(ns)?;
+        self.adopt_suffix(ns, tokens);
         let guard = PinGuard {
             cache: self.clone(),
             pages: self.acquire(ns, tokens, out.len(), true),
@@ -1170,11 +1297,7 @@ impl TieredCache {
                 continue;
             }
             for lower in (t.0 as usize + 1)..self.inner.tiers.len() {
-                if self
-                    .copy_into(p, key, TierId(lower as u8), &buf)
-                    .await
-                    .is_err()
-                {
+                if self.copy_into(p, TierId(lower as u8), &buf).await.is_err() {
                     break;
                 }
             }
@@ -1201,6 +1324,7 @@ impl TieredCache {
         }
         self.check_tokens(tokens, false)?;
         self.check_handle(ns)?;
+        self.adopt_suffix(ns, tokens);
         let pages = self.acquire(ns, tokens, usize::MAX, false);
         let deadline = self.now() + ttl.as_nanos() as u64;
         Ok(self.register_lease(pages, deadline))
@@ -1262,7 +1386,7 @@ impl TieredCache {
     /// it to make expiry visible without other traffic.
     pub fn expire_leases(&self) {
         let now = self.now();
-        self.inner.state.write().expire_leases(now);
+        self.inner.state.write().housekeeping(now);
     }
 
     /// Starts promoting the longest cached prefix of `tokens` into tier `target`. The
@@ -1669,7 +1793,7 @@ impl PrefetchJob {
             slot.counters
                 .bytes_out
                 .fetch_add(buf.len() as u64, Ordering::Relaxed);
-            c.copy_into(p, key, t, &buf).await?;
+            c.copy_into(p, t, &buf).await?;
             if c.inner.state.read().index.handle(p, t).is_none() {
                 return Ok(());
             }

@@ -57,7 +57,8 @@ pub use eviction::{EvictionKind, EvictionPolicy, Lru, Sieve};
 pub use index::{MAX_TIERS, PageId, PrefixMatch, RadixIndex};
 pub use namespace::{BlockKey, KvDtype, KvLayout, KvShape, Namespace, TpShape};
 pub use tier::{
-    Bandwidth, BlockHandle, ThroughputMeter, Tier, TierError, TierFuture, TierId, TierKind,
+    Bandwidth, BlockHandle, BlockMeta, ThroughputMeter, Tier, TierError, TierFuture, TierId,
+    TierKind,
 };
 
 /// Runs a future to completion on the current thread. For synchronous callers of the async

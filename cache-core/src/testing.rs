@@ -7,7 +7,9 @@ use std::time::Instant;
 use parking_lot::Mutex;
 
 use crate::namespace::BlockKey;
-use crate::tier::{Bandwidth, BlockHandle, ThroughputMeter, Tier, TierError, TierFuture, TierKind};
+use crate::tier::{
+    Bandwidth, BlockHandle, BlockMeta, ThroughputMeter, Tier, TierError, TierFuture, TierKind,
+};
 
 /// A tier that keeps blocks in `Vec`s and can be told to fail.
 pub struct MemTier {
@@ -79,7 +81,7 @@ impl Tier for MemTier {
         self.capacity
     }
 
-    fn write<'a>(&'a self, key: &'a BlockKey, data: &'a [u8]) -> TierFuture<'a, BlockHandle> {
+    fn write<'a>(&'a self, meta: &'a BlockMeta, data: &'a [u8]) -> TierFuture<'a, BlockHandle> {
         Box::pin(async move {
             if data.len() != self.block_size {
                 return Err(TierError::BufferSize {
@@ -104,7 +106,7 @@ impl Tier for MemTier {
                     g.slots.len() as u64 - 1
                 }
             };
-            g.slots[h as usize] = Some((*key, data.to_vec()));
+            g.slots[h as usize] = Some((meta.key, data.to_vec()));
             g.corrupt.remove(&h);
             g.live += 1;
             drop(g);

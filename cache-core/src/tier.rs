@@ -55,12 +55,27 @@ impl TierKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BlockHandle(pub u64);
 
+/// What a tier is told about a block it stores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockMeta {
+    /// The block key.
+    pub key: BlockKey,
+    /// The namespace id (root key) the block belongs to.
+    pub namespace: BlockKey,
+    /// Times the page has been used, for admission policies.
+    pub hits: u32,
+}
+
 /// What a tier can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum TierError {
     /// No room for another block.
     #[error("tier has no free block")]
     Full,
+    /// The tier declined the block (admission policy, or admission paused after the device
+    /// filled up). Not an error of the caller's request.
+    #[error("tier declined the block (admission)")]
+    Rejected,
     /// The handle does not name a live block of this tier.
     #[error("invalid block handle {0:?}")]
     BadHandle(BlockHandle),
@@ -101,9 +116,10 @@ pub trait Tier: Send + Sync {
     fn block_size(&self) -> usize;
     /// How many blocks the tier can hold at most.
     fn capacity_blocks(&self) -> u64;
-    /// Stores one block and returns its handle. `key` lets tiers that must find blocks
-    /// again without the index (disk, remote) record it.
-    fn write<'a>(&'a self, key: &'a BlockKey, data: &'a [u8]) -> TierFuture<'a, BlockHandle>;
+    /// Stores one block and returns its handle. The metadata lets tiers that must find
+    /// blocks again without the index (disk, remote) record the key and namespace, and lets
+    /// admission policies see how popular the block is.
+    fn write<'a>(&'a self, meta: &'a BlockMeta, data: &'a [u8]) -> TierFuture<'a, BlockHandle>;
     /// Reads one block into `out` (exactly `block_size()` bytes).
     fn read<'a>(
         &'a self,
@@ -116,6 +132,29 @@ pub trait Tier: Send + Sync {
     fn free(&self, handle: BlockHandle);
     /// Measured read/write bandwidth, for the load planner.
     fn bandwidth(&self) -> Bandwidth;
+
+    /// Whether the tier can find blocks by key that the index does not know (a persistent
+    /// tier after a restart, a shared remote store).
+    fn can_adopt(&self) -> bool {
+        false
+    }
+
+    /// Claims the block stored under `key`, if the tier has one nobody owns yet. From then
+    /// on the handle belongs to the caller like one returned by `write`.
+    fn adopt(&self, _key: &BlockKey) -> Option<BlockHandle> {
+        None
+    }
+
+    /// Attaches the caller's tag to a handle; [`Tier::take_dropped`] reports it back.
+    /// Called with the controller's lock held: must be cheap.
+    fn set_tag(&self, _handle: BlockHandle, _tag: u64) {}
+
+    /// Owned blocks the tier dropped on its own (segment reclaim) since the last call, with
+    /// their tags. Their handles are already invalid. Called with the controller's lock held
+    /// on every update: must be cheap when there is nothing to report.
+    fn take_dropped(&self) -> Vec<(BlockHandle, u64)> {
+        Vec::new()
+    }
 }
 
 /// Exponentially weighted throughput estimate of one direction of a tier, lock-free.

@@ -477,10 +477,10 @@ impl Tier for SlowTier {
     fn capacity_blocks(&self) -> u64 {
         self.0.capacity_blocks()
     }
-    fn write<'a>(&'a self, key: &'a BlockKey, data: &'a [u8]) -> TierFuture<'a, BlockHandle> {
+    fn write<'a>(&'a self, meta: &'a BlockMeta, data: &'a [u8]) -> TierFuture<'a, BlockHandle> {
         Box::pin(async move {
             YieldOnce(false).await;
-            self.0.write(key, data).await
+            self.0.write(meta, data).await
         })
     }
     fn read<'a>(

@@ -14,12 +14,13 @@
 //! CUDA as pinned memory).
 //!
 //! ```
-//! use strata_cache_core::{BlockKey, Tier, block_on};
+//! use strata_cache_core::{BlockKey, BlockMeta, Tier, block_on};
 //! use strata_host_tier::{HostPool, HostPoolConfig};
 //!
 //! let pool = HostPool::new(HostPoolConfig::new(4096, 4 * 4096)).unwrap();
 //! let key = BlockKey([0; 32]);
-//! let h = block_on(pool.write(&key, &[7u8; 4096])).unwrap();
+//! let meta = BlockMeta { key, namespace: BlockKey([1; 32]), hits: 0 };
+//! let h = block_on(pool.write(&meta, &[7u8; 4096])).unwrap();
 //! let mut out = vec![0u8; 4096];
 //! block_on(pool.read(h, &key, &mut out)).unwrap();
 //! assert_eq!(out, vec![7u8; 4096]);
@@ -37,7 +38,8 @@ use crossbeam::queue::ArrayQueue;
 use memmap2::{MmapMut, MmapOptions};
 use parking::SlotLock;
 use strata_cache_core::{
-    Bandwidth, BlockHandle, BlockKey, ThroughputMeter, Tier, TierError, TierFuture, TierKind,
+    Bandwidth, BlockHandle, BlockKey, BlockMeta, ThroughputMeter, Tier, TierError, TierFuture,
+    TierKind,
 };
 
 /// OS page size assumed for slot alignment.
@@ -360,7 +362,7 @@ impl Tier for HostPool {
         u64::from(self.slots)
     }
 
-    fn write<'a>(&'a self, _key: &'a BlockKey, data: &'a [u8]) -> TierFuture<'a, BlockHandle> {
+    fn write<'a>(&'a self, _meta: &'a BlockMeta, data: &'a [u8]) -> TierFuture<'a, BlockHandle> {
         let r = self.put(data);
         Box::pin(async move { r })
     }

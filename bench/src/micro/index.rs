@@ -16,9 +16,9 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use parking_lot::Mutex;
 use strata_cache_core::{
-    Bandwidth, BlockHandle, BlockKey, CacheConfig, EvictionKind, KvDtype, KvLayout, KvShape,
-    Namespace, Tier, TierError, TierFuture, TierKind, TierSpec, TieredCache, TpShape, WritePolicy,
-    block_on,
+    Bandwidth, BlockHandle, BlockKey, BlockMeta, CacheConfig, EvictionKind, KvDtype, KvLayout,
+    KvShape, Namespace, Tier, TierError, TierFuture, TierKind, TierSpec, TieredCache, TpShape,
+    WritePolicy, block_on,
 };
 
 use super::Figure;
@@ -58,7 +58,7 @@ impl Tier for ArenaTier {
     fn capacity_blocks(&self) -> u64 {
         self.slots
     }
-    fn write<'a>(&'a self, _key: &'a BlockKey, data: &'a [u8]) -> TierFuture<'a, BlockHandle> {
+    fn write<'a>(&'a self, _meta: &'a BlockMeta, data: &'a [u8]) -> TierFuture<'a, BlockHandle> {
         let mut g = self.inner.lock();
         let r = match g.1.pop() {
             Some(s) => {
