@@ -32,6 +32,9 @@ pub mod io;
 #[cfg(any(test, feature = "testing"))]
 pub mod fault;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -744,6 +747,11 @@ impl DiskTier {
                 .copied()
                 .filter(|&id| id != NONE)
                 .collect();
+            if !ids.is_empty() {
+                self.counters
+                    .segments_reclaimed
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             let mut keep = Vec::new();
             let mut dropped = 0;
             for id in ids {
@@ -826,9 +834,6 @@ impl DiskTier {
             seg.records.iter_mut().for_each(|r| *r = NONE);
             st.open = next;
         }
-        self.counters
-            .segments_reclaimed
-            .fetch_add(1, Ordering::Relaxed);
         // 5. Write the hot blocks back into it.
         for (id, epoch, buf) in moving {
             let (seg, idx, sgen, seq, slot_guard) = {
@@ -857,35 +862,40 @@ impl DiskTier {
             meta.seq = seq;
             format::encode_header(&meta, &mut rec);
             let (_, r) = self.engine.write(0, l.record_offset(seg, idx), rec).await;
-            let mut st = self.state.lock();
-            st.moving.remove(&id);
-            let alive = st.slots[id as usize].live && st.slots[id as usize].epoch == epoch;
-            match r {
-                Ok(()) if alive => {
-                    self.counters
-                        .bytes_written
-                        .fetch_add(l.record_bytes as u64, Ordering::Relaxed);
-                    self.counters
-                        .blocks_reinserted
-                        .fetch_add(1, Ordering::Relaxed);
-                    let s = &mut st.slots[id as usize];
-                    s.seg = seg as u32;
-                    s.idx = idx as u32;
-                    s.hot = false;
-                    s.meta.epoch = sgen;
-                    s.meta.seq = seq;
-                    st.segs[seg].records[idx] = id;
-                }
-                Ok(()) => {}
-                Err(e) => {
-                    drop(st);
-                    self.note_io_error(&e, false);
-                    let mut st = self.state.lock();
-                    if alive && let Some(d) = st.drop_slot(id) {
-                        st.dropped.push(d);
-                        self.dropped_flag.store(true, Ordering::Release);
+            let failed = {
+                let mut st = self.state.lock();
+                st.moving.remove(&id);
+                let alive = st.slots[id as usize].live && st.slots[id as usize].epoch == epoch;
+                match r {
+                    Ok(()) if alive => {
+                        self.counters
+                            .bytes_written
+                            .fetch_add(l.record_bytes as u64, Ordering::Relaxed);
+                        self.counters
+                            .blocks_reinserted
+                            .fetch_add(1, Ordering::Relaxed);
+                        let s = &mut st.slots[id as usize];
+                        s.seg = seg as u32;
+                        s.idx = idx as u32;
+                        s.hot = false;
+                        s.meta.epoch = sgen;
+                        s.meta.seq = seq;
+                        st.segs[seg].records[idx] = id;
+                        None
+                    }
+                    Ok(()) => None,
+                    Err(e) => {
+                        if alive && let Some(d) = st.drop_slot(id) {
+                            st.dropped.push(d);
+                            self.dropped_flag.store(true, Ordering::Release);
+                        }
+                        Some(e)
                     }
                 }
+            };
+            // The state lock is released before the write slot (whose drop takes it).
+            if let Some(e) = failed {
+                self.note_io_error(&e, false);
             }
             drop(slot_guard);
         }
