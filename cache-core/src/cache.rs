@@ -242,7 +242,7 @@ struct State {
     next_lease: u64,
     namespaces: HashMap<BlockKey, NamespaceHandle>,
     /// Pages that reached the selective write-through threshold.
-    copy_down: Vec<PageId>,
+    copy_down: Vec<(PageId, BlockKey)>,
     events: tokio::sync::broadcast::Sender<CacheEvent>,
 }
 
@@ -283,6 +283,8 @@ struct Inner {
     lookups: AtomicU64,
     /// Some tier can find blocks by key that the index does not know.
     adopting: bool,
+    /// Signalled whenever a copy between tiers ends.
+    copies_done: tokio::sync::Notify,
 }
 
 /// The tiered KV-block cache. Cheap to clone; every clone is the same cache.
@@ -359,12 +361,26 @@ impl State {
     /// Clears residency in `t` and frees the block. Removes the page from the tree if it
     /// is resident nowhere else and is an unpinned leaf. Returns whether it was resident.
     fn drop_resident(&mut self, p: PageId, t: TierId) -> bool {
+        self.clear_copy(p, t, true)
+    }
+
+    /// Like `drop_resident` for a block the tier has already dropped: its handle is not
+    /// given back (it may already name another block).
+    fn forget_resident(&mut self, p: PageId, t: TierId) -> bool {
+        self.clear_copy(p, t, false)
+    }
+
+    fn clear_copy(&mut self, p: PageId, t: TierId, free: bool) -> bool {
         let Some(h) = self.index.clear_resident(p, t) else {
             return false;
         };
         self.emit(EventKind::Removed, p, t);
         self.policies[t.0 as usize].remove(p);
-        self.free_block(t, h);
+        if free {
+            self.free_block(t, h);
+        } else {
+            self.unreserve(t);
+        }
         let info = self.index.page(p);
         if info.pins > 0 {
             self.pinned[t.0 as usize] -= 1;
@@ -386,7 +402,7 @@ impl State {
                     continue;
                 };
                 if self.index.is_live(p) && self.index.handle(p, TierId(t as u8)) == Some(h) {
-                    self.drop_resident(p, TierId(t as u8));
+                    self.forget_resident(p, TierId(t as u8));
                 }
             }
         }
@@ -528,6 +544,7 @@ impl TieredCache {
                 clock,
                 lookups: AtomicU64::new(0),
                 adopting,
+                copies_done: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -630,16 +647,27 @@ impl TieredCache {
         }
         let ps = self.inner.config.page_size as usize;
         let whole = tokens.len() / ps;
-        if self
-            .inner
-            .state
-            .read()
-            .index
-            .match_prefix(ns.root, tokens)
-            .pages
-            == whole
+        // Under the shared lock: is the next page's key in any such tier at all? Most
+        // misses end here, without the exclusive lock.
         {
-            return;
+            let st = self.inner.state.read();
+            let m = st.index.match_prefix(ns.root, tokens);
+            if m.pages == whole {
+                return;
+            }
+            let prev = match st.index.path(m.end).last() {
+                Some(&p) => st.index.page(p).key,
+                None => ns.root_key,
+            };
+            let key = prev.chain(&tokens[m.pages * ps..(m.pages + 1) * ps]);
+            if !self
+                .inner
+                .tiers
+                .iter()
+                .any(|s| s.tier.can_adopt() && s.tier.has_key(&key))
+            {
+                return;
+            }
         }
         let now = self.now();
         let mut st = self.inner.state.write();
@@ -697,7 +725,8 @@ impl TieredCache {
     }
 
     /// Longest cached prefix of `tokens` (a trailing partial page is ignored), with how many
-    /// of its pages each tier holds. Takes the lock shared and changes nothing but counters.
+    /// of its pages each tier holds. Takes the lock shared and changes nothing but counters,
+    /// except that blocks a disk or remote tier holds beyond the match join the index.
     pub fn lookup(&self, ns: &NamespaceHandle, tokens: &[u32]) -> Result<LookupResult, CacheError> {
         self.check_tokens(tokens, false)?;
         if self.inner.adopting {
@@ -855,6 +884,16 @@ impl TieredCache {
             {
                 let now = self.now();
                 let mut st = self.inner.state.write();
+                // The page the batch hangs from lost its last copy meanwhile (a tier
+                // dropped it): pages below it could never be found, so stop here.
+                if let Some(&parent) = tail.pages.first()
+                    && st.index.page(parent).resident == 0
+                {
+                    for h in handles {
+                        st.free_block(t, h);
+                    }
+                    break;
+                }
                 let ins = match st
                     .index
                     .insert(ns.root, ns.root_key, &tokens[..written * ps], now)
@@ -917,7 +956,19 @@ impl TieredCache {
         if stored > 0
             && let Some(&last) = tail.pages.first()
         {
-            self.inner.state.write().index.compact_node_of(last);
+            let mut st = self.inner.state.write();
+            st.index.compact_node_of(last);
+            // Batches were touched as they landed; touch the whole prefix once more,
+            // deepest first, so ancestors are again at least as recent as descendants.
+            let m = st.index.match_prefix(ns.root, &tokens[..done * ps]);
+            for p in st.index.path(m.end).into_iter().rev() {
+                let resident = st.index.page(p).resident;
+                for tier in 0..self.inner.tiers.len() {
+                    if resident >> tier & 1 == 1 {
+                        st.policies[tier].touch(p);
+                    }
+                }
+            }
         }
         drop(tail);
         self.run_copy_down().await;
@@ -968,7 +1019,9 @@ impl TieredCache {
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         staging.reserved = 0;
         let mut st = self.inner.state.write();
-        if st.index.is_live(p) {
+        // Another path (a store taking over a lost page, an adoption) may have made the
+        // page resident here meanwhile: keep one copy.
+        if st.index.is_live(p) && st.index.handle(p, t).is_none() {
             st.make_resident(p, t, h);
         } else {
             st.free_block(t, h);
@@ -1023,19 +1076,22 @@ impl TieredCache {
         let State {
             index, policies, ..
         } = st;
+        let lower = TierId(t.0 + 1);
         let v = policies[ti]
             .victim(&mut |p| {
                 let info = index.page(p);
                 info.pins == 0
-                    && (can_demote || info.resident & !(1 << ti) != 0 || index.is_leaf(p))
+                    && ((can_demote && !index.is_declined(p, lower))
+                        || info.resident & !(1 << ti) != 0
+                        || index.is_leaf(p))
             })
             .ok_or(CacheError::TierFull(t))?;
         let info = st.index.page(v);
         let below = !((1u8 << (ti + 1)) - 1);
-        let demote = can_demote && info.resident & below == 0;
+        let demote = can_demote && info.resident & below == 0 && !st.index.is_declined(v, lower);
         if demote {
-            st.pin_page(v);
             let handle = st.index.handle(v, t).ok_or(CacheError::TierFull(t))?;
+            st.pin_page(v);
             Ok(Victim::Demote {
                 page: v,
                 key: info.key,
@@ -1098,12 +1154,15 @@ impl TieredCache {
                             ..
                         })
                     );
+                    if declined {
+                        // Not demotable until its next use; it may still go if nothing is
+                        // stranded by that.
+                        st.index.set_declined(page, TierId(t.0 + 1));
+                    }
                     let evictable = here
                         && (!readable
                             || (info.pins == 0
-                                && (declined
-                                    || info.resident & !(1 << t.0) != 0
-                                    || st.index.is_leaf(page))));
+                                && (info.resident & !(1 << t.0) != 0 || st.index.is_leaf(page))));
                     if evictable {
                         slot.counters.evictions.fetch_add(1, Ordering::Relaxed);
                         st.drop_resident(page, t)
@@ -1112,12 +1171,14 @@ impl TieredCache {
                     }
                 };
                 match copied {
+                    // Room was made, whatever happened below.
+                    _ if evicted => Ok(true),
                     Err(CacheError::Tier {
                         source: TierError::Rejected,
                         ..
-                    }) => Ok(evicted),
+                    }) => Ok(false),
                     Err(e) => Err(e),
-                    Ok(()) => Ok(evicted),
+                    Ok(()) => Ok(false),
                 }
             }
         }
@@ -1180,7 +1241,7 @@ impl TieredCache {
             WritePolicy::WriteThroughSelective { hits } => Some(hits),
             _ => None,
         };
-        let last_tier_bit = 1u8 << (self.inner.tiers.len() - 1);
+        let last_tier = TierId((self.inner.tiers.len() - 1) as u8);
         // Deepest first, so that ancestors are always at least as recent as descendants.
         for &p in pages.iter().rev() {
             st.pin_page(p);
@@ -1191,8 +1252,15 @@ impl TieredCache {
                     st.policies[t].touch(p);
                 }
             }
-            if threshold == Some(hits) && resident & last_tier_bit == 0 {
-                st.copy_down.push(p);
+            // At or past the threshold and not yet on the last tier: copy down, unless a
+            // copy is already on its way or that tier declined the page.
+            if threshold.is_some_and(|th| hit && hits >= th)
+                && resident >> last_tier.0 & 1 == 0
+                && !st.index.is_pending(p, last_tier)
+                && !st.index.is_declined(p, last_tier)
+            {
+                let key = st.index.page(p).key;
+                st.copy_down.push((p, key));
             }
         }
         pages
@@ -1266,11 +1334,11 @@ impl TieredCache {
             return;
         }
         let mut buf = vec![0u8; self.inner.block_bytes];
-        for p in pending {
+        for (p, page_key) in pending {
             // Pin, find a source, copy to every tier below it.
             let src = {
                 let mut st = self.inner.state.write();
-                if !st.index.is_live(p) {
+                if !st.index.is_live_as(p, &page_key) {
                     continue;
                 }
                 st.pin_page(p);
@@ -1297,8 +1365,17 @@ impl TieredCache {
                 continue;
             }
             for lower in (t.0 as usize + 1)..self.inner.tiers.len() {
-                if self.copy_into(p, TierId(lower as u8), &buf).await.is_err() {
-                    break;
+                let lower = TierId(lower as u8);
+                match self.copy_into(p, lower, &buf).await {
+                    Ok(()) => {}
+                    Err(CacheError::Tier {
+                        source: TierError::Rejected,
+                        ..
+                    }) => {
+                        self.inner.state.write().index.set_declined(p, lower);
+                        break;
+                    }
+                    Err(_) => break,
                 }
             }
             drop(guard);
@@ -1326,7 +1403,8 @@ impl TieredCache {
         self.check_handle(ns)?;
         self.adopt_suffix(ns, tokens);
         let pages = self.acquire(ns, tokens, usize::MAX, false);
-        let deadline = self.now() + ttl.as_nanos() as u64;
+        let ttl_nanos = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
+        let deadline = self.now().saturating_add(ttl_nanos);
         Ok(self.register_lease(pages, deadline))
     }
 
@@ -1402,17 +1480,20 @@ impl TieredCache {
     ) -> Result<(PrefetchTicket, PrefetchJob), CacheError> {
         self.tier(target)?;
         let (lease, pages) = self.lease(ns, tokens, lease_ttl)?;
-        let page_ids = self
-            .inner
-            .state
-            .read()
-            .leases
-            .get(&lease)
-            .map(|l| l.pages.clone())
-            .unwrap_or_default();
+        let page_ids = {
+            let st = self.inner.state.read();
+            st.leases
+                .get(&lease)
+                .map(|l| l.pages.iter().map(|&p| (p, st.index.page(p).key)).collect())
+                .unwrap_or_default()
+        };
         let deadline = match policy {
             PrefetchPolicy::Timeout { base, per_page } => {
-                Some(Instant::now() + base + per_page.saturating_mul(pages as u32))
+                // A deadline too far to represent is no deadline.
+                let wait = base.saturating_add(
+                    per_page.saturating_mul(u32::try_from(pages).unwrap_or(u32::MAX)),
+                );
+                Instant::now().checked_add(wait)
             }
             _ => None,
         };
@@ -1617,6 +1698,7 @@ impl Drop for PendingMark<'_> {
             .write()
             .index
             .set_pending(self.page, self.tier, false);
+        self.cache.inner.copies_done.notify_waiters();
     }
 }
 
@@ -1726,10 +1808,19 @@ impl PrefetchTicket {
 /// The worker side of a prefetch: copies pages into the target tier in prefix order.
 pub struct PrefetchJob {
     cache: TieredCache,
-    pages: Vec<PageId>,
+    pages: Vec<(PageId, BlockKey)>,
     target: TierId,
     deadline: Option<Instant>,
     shared: Arc<PrefetchShared>,
+}
+
+impl Drop for PrefetchJob {
+    /// A job that ends, or is dropped without running (its task cancelled), is done: the
+    /// scheduler waiting in `finish` gets what is ready.
+    fn drop(&mut self) {
+        self.shared.done.store(true, Ordering::Release);
+        self.shared.notify.notify_waiters();
+    }
 }
 
 impl PrefetchJob {
@@ -1744,8 +1835,7 @@ impl PrefetchJob {
         if let Err(e) = &r {
             *self.shared.error.lock() = Some(e.to_string());
         }
-        self.shared.done.store(true, Ordering::Release);
-        self.shared.notify.notify_waiters();
+        // Dropping `self` marks the prefetch done.
         self.shared.ready.load(Ordering::Acquire)
     }
 
@@ -1753,17 +1843,28 @@ impl PrefetchJob {
         let c = &self.cache;
         let t = self.target;
         let mut buf = vec![0u8; c.inner.block_bytes];
-        for &p in &self.pages {
+        for &(p, page_key) in &self.pages {
             if self.shared.stop.load(Ordering::Acquire)
                 || self.deadline.is_some_and(|d| Instant::now() >= d)
             {
                 return Ok(());
             }
+            // Another request may be copying this very page: wait for it.
+            loop {
+                let copied = c.inner.copies_done.notified();
+                {
+                    let st = c.inner.state.read();
+                    if !st.index.is_live_as(p, &page_key) || !st.index.is_pending(p, t) {
+                        break;
+                    }
+                }
+                copied.await;
+            }
             // Source: the fastest tier holding the page. Pinned for the copy: the lease may
             // expire while we work.
             let (src, key, _pin) = {
                 let mut st = c.inner.state.write();
-                if !st.index.is_live(p) {
+                if !st.index.is_live_as(p, &page_key) {
                     return Ok(());
                 }
                 let info = st.index.page(p);

@@ -50,7 +50,8 @@ struct Page {
     pins: u32,
     /// Bit t set: resident in tier t.
     resident: u8,
-    /// Bit t set: a copy to tier t is in flight.
+    /// Low nibble, bit t: a copy to tier t is in flight. High nibble, bit 4+t: tier t
+    /// declined the page (admission); cleared when the page is used again.
     pending: u8,
 }
 
@@ -533,6 +534,12 @@ impl RadixIndex {
         self.root_keys.get(&n).copied()
     }
 
+    /// Whether `p` names a page currently in the tree that still has key `key` (page ids
+    /// are reused, keys are not).
+    pub fn is_live_as(&self, p: PageId, key: &BlockKey) -> bool {
+        self.is_live(p) && self.pages[p.0 as usize].key == *key
+    }
+
     /// Whether `p` names a page currently in the tree.
     pub fn is_live(&self, p: PageId) -> bool {
         let Some(pg) = self.pages.get(p.0 as usize) else {
@@ -597,6 +604,16 @@ impl RadixIndex {
         self.pages[p.0 as usize].pending >> tier.0 & 1 == 1
     }
 
+    /// Records that `tier` declined `p` (until its next use).
+    pub fn set_declined(&mut self, p: PageId, tier: TierId) {
+        self.pages[p.0 as usize].pending |= 1 << (4 + tier.0);
+    }
+
+    /// Whether `tier` declined `p` since its last use.
+    pub fn is_declined(&self, p: PageId, tier: TierId) -> bool {
+        self.pages[p.0 as usize].pending >> (4 + tier.0) & 1 == 1
+    }
+
     /// Adds a pin. Returns the new pin count.
     pub fn pin(&mut self, p: PageId) -> u32 {
         let pg = &mut self.pages[p.0 as usize];
@@ -616,6 +633,8 @@ impl RadixIndex {
     pub fn touch(&mut self, p: PageId, now: u64) -> u32 {
         let pg = &mut self.pages[p.0 as usize];
         pg.hits = pg.hits.saturating_add(1);
+        // A tier that declined the page may take it now that it has one more use.
+        pg.pending &= 0x0f;
         pg.last_access = pg.last_access.max(now);
         pg.hits
     }

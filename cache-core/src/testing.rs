@@ -28,6 +28,7 @@ struct MemInner {
     live: u64,
     corrupt: HashSet<u64>,
     fail_writes: bool,
+    reject_writes: bool,
 }
 
 impl MemTier {
@@ -56,6 +57,12 @@ impl MemTier {
     /// Makes every later write fail with an I/O error (a full or broken device).
     pub fn fail_writes(&self, on: bool) {
         self.inner.lock().fail_writes = on;
+    }
+
+    /// Makes every later write answer [`TierError::Rejected`] (an admission policy that
+    /// declines everything).
+    pub fn reject_writes(&self, on: bool) {
+        self.inner.lock().reject_writes = on;
     }
 
     /// Handles of every stored block.
@@ -91,6 +98,9 @@ impl Tier for MemTier {
             }
             let start = Instant::now();
             let mut g = self.inner.lock();
+            if g.reject_writes {
+                return Err(TierError::Rejected);
+            }
             if g.fail_writes {
                 return Err(TierError::Io(std::io::Error::other(
                     "injected write failure",

@@ -139,6 +139,12 @@ pub trait Tier: Send + Sync {
         false
     }
 
+    /// Whether the tier holds a block under `key` (owned or not). A cheap probe, called
+    /// under the controller's shared lock.
+    fn has_key(&self, _key: &BlockKey) -> bool {
+        false
+    }
+
     /// Claims the block stored under `key`, if the tier has one nobody owns yet. From then
     /// on the handle belongs to the caller like one returned by `write`.
     fn adopt(&self, _key: &BlockKey) -> Option<BlockHandle> {

@@ -537,3 +537,74 @@ fn a_cancelled_store_leaves_nothing_behind() {
     assert_eq!(rep.stored, 4);
     assert_eq!(read_all(&cache, &h, &t).0.read, 4);
 }
+
+#[test]
+fn a_declined_demotion_strands_nothing() {
+    let s = setup(&[2, 8], WritePolicy::WriteBack);
+    let h = s.cache.register(&ns(b"")).unwrap();
+    s.tiers[1].reject_writes(true);
+    let t = toks(4, 21);
+    let blocks: Vec<Vec<u8>> = (0..4).map(|i| block(i, 2)).collect();
+    let refs: Vec<&[u8]> = blocks.iter().map(|b| b.as_slice()).collect();
+    // The lower tier declines every page, so only what fits on top is stored, in order.
+    let rep = block_on(s.cache.insert(&h, &t, &refs)).unwrap();
+    assert_eq!(rep.stored, 2);
+    s.cache.check_invariants().unwrap();
+    let (r, out) = read_all(&s.cache, &h, &t);
+    assert_eq!(r.read, 2);
+    assert_eq!(out[1], block(1, 2));
+    // Nothing in the tree is resident nowhere.
+    assert!(s.cache.residency(&h, &t).iter().all(|(mask, _)| *mask != 0));
+    // Once the lower tier accepts again (and the pages were used since), demotion works.
+    s.tiers[1].reject_writes(false);
+    let rep = block_on(s.cache.insert(&h, &t, &refs)).unwrap();
+    assert_eq!(rep.stored, 2);
+    assert_eq!(read_all(&s.cache, &h, &t).0.read, 4);
+    s.cache.check_invariants().unwrap();
+}
+
+#[test]
+fn a_dropped_prefetch_job_does_not_hang_the_scheduler() {
+    let s = setup(&[8, 8], WritePolicy::WriteBack);
+    let h = s.cache.register(&ns(b"")).unwrap();
+    let t = toks(2, 4);
+    insert(&s.cache, &h, &t, 0);
+    block_on(s.cache.evict(TierId(0), 8)).unwrap();
+    let (ticket, job) = s
+        .cache
+        .prefetch(
+            &h,
+            &t,
+            TierId(0),
+            PrefetchPolicy::WaitComplete,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    drop(job); // its task was cancelled before it ran
+    let out = block_on(ticket.finish());
+    assert_eq!((out.matched, out.ready), (2, 0));
+    s.cache.release(out.lease).unwrap();
+}
+
+#[test]
+fn huge_durations_do_not_panic() {
+    let s = setup(&[8, 8], WritePolicy::WriteBack);
+    let h = s.cache.register(&ns(b"")).unwrap();
+    let t = toks(1, 4);
+    insert(&s.cache, &h, &t, 0);
+    let policy = PrefetchPolicy::Timeout {
+        base: Duration::MAX,
+        per_page: Duration::MAX,
+    };
+    let (ticket, job) = s
+        .cache
+        .prefetch(&h, &t, TierId(0), policy, Duration::from_secs(5))
+        .unwrap();
+    block_on(job.run());
+    let out = block_on(ticket.finish());
+    assert_eq!(out.ready, 1);
+    assert!(
+        s.cache.lease(&h, &t, Duration::MAX).is_err(),
+        "over the configured maximum"
+    );
+}

@@ -49,7 +49,7 @@ impl Layout {
         if block_size == 0 {
             return Err("block size must be positive".into());
         }
-        if segment_bytes % ALIGN as u64 != 0 {
+        if !segment_bytes.is_multiple_of(ALIGN as u64) {
             return Err(format!(
                 "segment size {segment_bytes} is not a multiple of {ALIGN}"
             ));

@@ -503,7 +503,9 @@ impl DiskTier {
                 )
             })
             .collect();
-        let mut per_seg: Vec<(u64, Vec<(u32, RecordMeta)>, bool)> = Vec::with_capacity(l.segments);
+        // Per segment: epoch, (record index, meta) entries, whether a summary sealed it.
+        type Found = (u64, Vec<(u32, RecordMeta)>, bool);
+        let mut per_seg: Vec<Found> = Vec::with_capacity(l.segments);
         let mut unsealed = Vec::new();
         for (s, f) in futs.into_iter().enumerate() {
             let (buf, r) = f.await;
@@ -1114,6 +1116,10 @@ impl Tier for DiskTier {
 
     fn can_adopt(&self) -> bool {
         true
+    }
+
+    fn has_key(&self, key: &BlockKey) -> bool {
+        self.contains(key)
     }
 
     fn set_tag(&self, h: BlockHandle, tag: u64) {
