@@ -30,14 +30,18 @@ enum Cmd {
         /// Smaller sizes and fewer rounds, for a smoke test (figures are not comparable).
         #[arg(long)]
         quick: bool,
+        /// Folder for the disk suite's files (default target/strata-bench-disk); put it on
+        /// the device you want to measure.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Micro { suite, quick } => {
-            let results = micro::run(suite, quick)?;
+        Cmd::Micro { suite, quick, dir } => {
+            let results = micro::run(suite, quick, dir)?;
             for r in results {
                 println!("RESULT {} {} {}", r.name, r.value, r.unit);
             }

@@ -1,5 +1,6 @@
 //! Micro suites.
 
+mod disk;
 mod host;
 mod index;
 
@@ -10,6 +11,9 @@ pub enum Suite {
     Index,
     /// G2 host pool: block read/write throughput against memcpy.
     Host,
+    /// G3 disk tier against fio: sequential writes, random reads, recovery, write
+    /// amplification.
+    Disk,
 }
 
 /// One figure.
@@ -33,9 +37,14 @@ impl Figure {
 }
 
 /// Runs a suite.
-pub fn run(suite: Suite, quick: bool) -> anyhow::Result<Vec<Figure>> {
+pub fn run(
+    suite: Suite,
+    quick: bool,
+    dir: Option<std::path::PathBuf>,
+) -> anyhow::Result<Vec<Figure>> {
     match suite {
         Suite::Index => index::run(quick),
         Suite::Host => host::run(quick),
+        Suite::Disk => disk::run(quick, dir),
     }
 }
