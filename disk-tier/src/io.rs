@@ -22,7 +22,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use crossbeam::channel::{Receiver, Sender, unbounded};
@@ -271,6 +271,9 @@ pub struct UringEngine {
     files: Vec<RawFd>,
     tx: Option<Sender<Request>>,
     doorbell: Arc<OwnedFd>,
+    /// Set by the ring thread while it may sleep in the kernel: only then do producers ring
+    /// the doorbell (one eventfd write per sleep, not per request).
+    sleeping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     in_flight: Arc<AtomicUsize>,
     /// Submit calls made (each may carry many requests): for the batching metric.
@@ -294,18 +297,31 @@ impl UringEngine {
         let (tx, rx) = unbounded::<Request>();
         let in_flight = Arc::new(AtomicUsize::new(0));
         let submits = Arc::new(AtomicU64::new(0));
+        let sleeping = Arc::new(AtomicBool::new(false));
         let thread = {
             let doorbell = doorbell.clone();
             let in_flight = in_flight.clone();
             let submits = submits.clone();
+            let sleeping = sleeping.clone();
             std::thread::Builder::new()
                 .name("strata-uring".into())
-                .spawn(move || uring_loop(ring, rx, doorbell, qd as usize, in_flight, submits))?
+                .spawn(move || {
+                    uring_loop(
+                        ring,
+                        rx,
+                        doorbell,
+                        sleeping,
+                        qd as usize,
+                        in_flight,
+                        submits,
+                    )
+                })?
         };
         Ok(UringEngine {
             files: files.iter().map(|f| f.as_raw_fd()).collect(),
             tx: Some(tx),
             doorbell,
+            sleeping,
             thread: Some(thread),
             in_flight,
             submits,
@@ -338,7 +354,9 @@ impl UringEngine {
             let r = e.into_inner();
             return Box::pin(async move { (r.buf, Err(io::Error::other("I/O engine stopped"))) });
         }
-        self.ring_doorbell();
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            self.ring_doorbell();
+        }
         wait_for(rx)
     }
 }
@@ -347,6 +365,7 @@ fn uring_loop(
     mut ring: io_uring::IoUring,
     rx: Receiver<Request>,
     doorbell: Arc<OwnedFd>,
+    sleeping: Arc<AtomicBool>,
     qd: usize,
     in_flight: Arc<AtomicUsize>,
     submits: Arc<AtomicU64>,
@@ -359,6 +378,17 @@ fn uring_loop(
     let mut bell_armed = false;
     let mut closed = false;
     loop {
+        // Take every queued request, up to the queue depth.
+        loop {
+            match rx.try_recv() {
+                Ok(r) => backlog.push_back(r),
+                Err(crossbeam::channel::TryRecvError::Empty) => break,
+                Err(crossbeam::channel::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
         // Arm the doorbell so new requests wake us while we wait in the kernel.
         if !bell_armed && !closed {
             let e = opcode::Read::new(
@@ -372,17 +402,6 @@ fn uring_loop(
             // loop ends, and the loop only ends when nothing is in flight).
             if unsafe { ring.submission().push(&e) }.is_ok() {
                 bell_armed = true;
-            }
-        }
-        // Take every queued request, up to the queue depth.
-        loop {
-            match rx.try_recv() {
-                Ok(r) => backlog.push_back(r),
-                Err(crossbeam::channel::TryRecvError::Empty) => break,
-                Err(crossbeam::channel::TryRecvError::Disconnected) => {
-                    closed = true;
-                    break;
-                }
             }
         }
         while pending.len() < qd {
@@ -413,8 +432,18 @@ fn uring_loop(
         if closed && pending.is_empty() && backlog.is_empty() {
             break;
         }
+        // About to sleep: from here on a producer must ring. A request that arrived before
+        // the flag was set is seen by the check below instead.
+        sleeping.store(true, Ordering::SeqCst);
+        let want = if rx.is_empty() || pending.len() >= qd {
+            1
+        } else {
+            0
+        };
         // Sleep in the kernel until at least one completion (a request or the doorbell).
-        match ring.submit_and_wait(1) {
+        let r = ring.submit_and_wait(want);
+        sleeping.store(false, Ordering::SeqCst);
+        match r {
             Ok(_) => {
                 submits.fetch_add(1, Ordering::Relaxed);
             }

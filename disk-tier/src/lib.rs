@@ -210,7 +210,12 @@ struct Segment {
     epoch: u64,
     next: usize,
     records: Vec<u32>,
+    /// Writes in flight into the segment (records, and its summary).
     writing: usize,
+    /// Takes no more records; its last writer writes the summary.
+    full: bool,
+    /// The summary has been (or is being) written.
+    sealed: bool,
 }
 
 struct State {
@@ -246,6 +251,12 @@ pub struct DiskTier {
     enospc_backoff: Duration,
     read_meter: ThroughputMeter,
     write_meter: ThroughputMeter,
+    /// Record-sized buffers kept for reuse: a fresh large allocation is a fresh mapping
+    /// the kernel must fault in and zero on every I/O.
+    pool: Mutex<Vec<AlignedBuf>>,
+    /// Payload-sized buffers for reads (a read fetches the payload only).
+    read_pool: Mutex<Vec<AlignedBuf>>,
+    pool_max: usize,
     #[cfg(any(test, feature = "testing"))]
     faults: Arc<fault::Faults>,
 }
@@ -327,7 +338,33 @@ struct WriteSlot<'a> {
     seg: usize,
 }
 
+impl WriteSlot<'_> {
+    /// Ends the write. Returns whether the caller, as the segment's last writer, must now
+    /// write the segment's summary (the claim is taken: nobody else will).
+    fn finish(self) -> bool {
+        let seal = {
+            let mut st = self.tier.state.lock();
+            let seg = &mut st.segs[self.seg];
+            seg.writing -= 1;
+            let seal = seg.writing == 0 && seg.full && !seg.sealed;
+            if seal {
+                seg.sealed = true;
+                // The summary write counts as a write of the segment, so the segment is
+                // not reclaimed under it.
+                seg.writing += 1;
+            }
+            if seg.writing == 0 {
+                self.tier.writes_done.notify_waiters();
+            }
+            seal
+        };
+        std::mem::forget(self);
+        seal
+    }
+}
+
 impl Drop for WriteSlot<'_> {
+    /// A cancelled write: the summary is left to recovery's header scan.
     fn drop(&mut self) {
         let mut st = self.tier.state.lock();
         st.segs[self.seg].writing -= 1;
@@ -423,6 +460,8 @@ impl DiskTier {
                         next: 0,
                         records: vec![NONE; layout.blocks_per_segment],
                         writing: 0,
+                        full: false,
+                        sealed: false,
                     })
                     .collect(),
                 open: 0,
@@ -444,6 +483,9 @@ impl DiskTier {
             enospc_backoff: cfg.enospc_backoff,
             read_meter: ThroughputMeter::new(),
             write_meter: ThroughputMeter::new(),
+            pool: Mutex::new(Vec::new()),
+            read_pool: Mutex::new(Vec::new()),
+            pool_max: 2 * cfg.queue_depth as usize,
             #[cfg(any(test, feature = "testing"))]
             faults,
         };
@@ -554,6 +596,8 @@ impl DiskTier {
             max_gen = max_gen.max(epoch);
             let seg_max_seq = entries.iter().map(|e| e.1.seq).max().unwrap_or(0);
             st.segs[s].epoch = epoch;
+            st.segs[s].sealed = sealed;
+            st.segs[s].full = sealed;
             st.segs[s].next = if sealed {
                 l.blocks_per_segment
             } else {
@@ -574,6 +618,7 @@ impl DiskTier {
         for s in 0..l.segments {
             if s != open {
                 st.segs[s].next = l.blocks_per_segment;
+                st.segs[s].full = true;
             }
         }
         st.open = open;
@@ -707,40 +752,33 @@ impl DiskTier {
     async fn rotate(&self) -> Result<(), TierError> {
         let l = self.layout;
         let old = self.state.lock().open;
-        // 1. Wait for the open segment's writes, then seal it with a summary.
+        // 1. The open segment takes no more records. Its summary is written by its last
+        // writer (below, if the segment is already idle), so writers keep streaming.
+        let seal_now = {
+            let mut st = self.state.lock();
+            let seg = &mut st.segs[old];
+            seg.full = true;
+            let idle = seg.writing == 0 && !seg.sealed;
+            if idle {
+                seg.sealed = true;
+                seg.writing += 1;
+            }
+            idle
+        };
+        if seal_now {
+            self.write_summary(old).await;
+        }
+        // 2. The next segment must be idle before it is reused (only a ring of very few
+        // segments can get here with writes still landing in it).
+        let next = (old + 1) % l.segments;
         loop {
             let notified = self.writes_done.notified();
-            if self.state.lock().segs[old].writing == 0 {
+            if self.state.lock().segs[next].writing == 0 {
                 break;
             }
             notified.await;
         }
-        let (epoch, entries) = {
-            let st = self.state.lock();
-            let seg = &st.segs[old];
-            let entries: Vec<(u32, RecordMeta)> = seg
-                .records
-                .iter()
-                .enumerate()
-                .filter(|&(_, &id)| id != NONE)
-                .map(|(i, &id)| (i as u32, st.slots[id as usize].meta))
-                .collect();
-            (seg.epoch, entries)
-        };
-        let mut sum = AlignedBuf::new(l.summary_bytes, ALIGN);
-        format::encode_summary(epoch, &entries, &mut sum);
-        let (_, r) = self.engine.write(0, l.summary_offset(old), sum).await;
-        match r {
-            Ok(()) => {
-                self.counters
-                    .bytes_written
-                    .fetch_add(l.summary_bytes as u64, Ordering::Relaxed);
-            }
-            // Recovery scans the headers of a segment without a summary.
-            Err(e) => self.note_io_error(&e, false),
-        }
-        // 2. Reclaim the next segment: keep hot blocks (up to the budget), drop the rest.
-        let next = (old + 1) % l.segments;
+        // 3. Reclaim it: keep hot blocks (up to the budget), drop the rest.
         let keep: Vec<(u32, u32, u64)> = {
             let mut st = self.state.lock();
             let ids: Vec<u32> = st.segs[next]
@@ -833,6 +871,8 @@ impl DiskTier {
             let seg = &mut st.segs[next];
             seg.epoch = epoch;
             seg.next = 0;
+            seg.full = false;
+            seg.sealed = false;
             seg.records.iter_mut().for_each(|r| *r = NONE);
             st.open = next;
         }
@@ -899,9 +939,71 @@ impl DiskTier {
             if let Some(e) = failed {
                 self.note_io_error(&e, false);
             }
-            drop(slot_guard);
+            if slot_guard.finish() {
+                self.write_summary(seg).await;
+            }
         }
         Ok(())
+    }
+
+    /// Writes segment `seg`'s summary. The caller holds the segment's seal claim and one
+    /// `writing` count, which this releases.
+    async fn write_summary(&self, seg: usize) {
+        let l = self.layout;
+        let (epoch, entries) = {
+            let st = self.state.lock();
+            let s = &st.segs[seg];
+            let entries: Vec<(u32, RecordMeta)> = s
+                .records
+                .iter()
+                .enumerate()
+                .filter(|&(_, &id)| id != NONE)
+                .map(|(i, &id)| (i as u32, st.slots[id as usize].meta))
+                .collect();
+            (s.epoch, entries)
+        };
+        let mut sum = AlignedBuf::new(l.summary_bytes, ALIGN);
+        format::encode_summary(epoch, &entries, &mut sum);
+        let guard = WriteSlot { tier: self, seg };
+        let (_, r) = self.engine.write(0, l.summary_offset(seg), sum).await;
+        match r {
+            Ok(()) => {
+                self.counters
+                    .bytes_written
+                    .fetch_add(l.summary_bytes as u64, Ordering::Relaxed);
+            }
+            // Recovery scans the headers of a segment without a summary.
+            Err(e) => self.note_io_error(&e, false),
+        }
+        drop(guard);
+    }
+
+    fn take_buf(&self) -> AlignedBuf {
+        self.pool
+            .lock()
+            .pop()
+            .unwrap_or_else(|| AlignedBuf::new(self.layout.record_bytes, ALIGN))
+    }
+
+    fn give_buf(&self, b: AlignedBuf) {
+        let pool = if b.len() == self.layout.record_bytes {
+            &self.pool
+        } else if b.len() == self.layout.record_bytes - ALIGN {
+            &self.read_pool
+        } else {
+            return;
+        };
+        let mut p = pool.lock();
+        if p.len() < self.pool_max {
+            p.push(b);
+        }
+    }
+
+    fn take_payload_buf(&self) -> AlignedBuf {
+        self.read_pool
+            .lock()
+            .pop()
+            .unwrap_or_else(|| AlignedBuf::new(self.layout.record_bytes - ALIGN, ALIGN))
     }
 
     /// Checks a record read from disk against what the index expects.
@@ -944,8 +1046,10 @@ impl DiskTier {
             }
         }
         let start = Instant::now();
-        let mut rec = AlignedBuf::new(l.record_bytes, ALIGN);
+        let mut rec = self.take_buf();
         rec[ALIGN..ALIGN + data.len()].copy_from_slice(data);
+        // Padding after the payload carries no old bytes to the device.
+        rec[ALIGN + data.len()..].fill(0);
         let checksum = *blake3::hash(data).as_bytes();
         let (seg, idx, epoch, seq, slot_guard) = self.allocate().await?;
         let rm = RecordMeta {
@@ -957,7 +1061,8 @@ impl DiskTier {
             checksum,
         };
         format::encode_header(&rm, &mut rec);
-        let (_, r) = self.engine.write(0, l.record_offset(seg, idx), rec).await;
+        let (rec, r) = self.engine.write(0, l.record_offset(seg, idx), rec).await;
+        self.give_buf(rec);
         match r {
             Ok(()) => {
                 self.counters.writes.fetch_add(1, Ordering::Relaxed);
@@ -973,14 +1078,18 @@ impl DiskTier {
                     let id = st.new_slot(seg, idx, rm, true);
                     handle_of(id, st.slots[id as usize].epoch)
                 };
-                drop(slot_guard);
+                if slot_guard.finish() {
+                    self.write_summary(seg).await;
+                }
                 if self.state.lock().enospc_episode {
                     self.note_io_ok(false);
                 }
                 Ok(h)
             }
             Err(e) => {
-                drop(slot_guard);
+                if slot_guard.finish() {
+                    self.write_summary(seg).await;
+                }
                 self.note_io_error(&e, false);
                 if e.raw_os_error() == Some(libc::ENOSPC) {
                     Err(TierError::Rejected)
@@ -1031,11 +1140,15 @@ impl DiskTier {
             self.counters.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
+        // The payload alone: the index already holds the header's facts, and a payload
+        // whose blake3 matches the recorded checksum is the block's (a stale or torn
+        // record at this place cannot match).
         let (buf, r) = self
             .engine
-            .read(0, off, AlignedBuf::new(l.record_bytes, ALIGN))
+            .read(0, off + ALIGN as u64, self.take_payload_buf())
             .await;
         if let Err(e) = r {
+            self.give_buf(buf);
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
             self.note_io_error(&e, true);
             return Err(TierError::Io(e));
@@ -1043,8 +1156,8 @@ impl DiskTier {
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_read
-            .fetch_add(l.record_bytes as u64, Ordering::Relaxed);
-        if !self.verify(&buf, &meta) {
+            .fetch_add((l.record_bytes - ALIGN) as u64, Ordering::Relaxed);
+        if blake3::hash(&buf[..meta.len as usize]).as_bytes() != &meta.checksum {
             self.counters
                 .checksum_failures
                 .fetch_add(1, Ordering::Relaxed);
@@ -1055,10 +1168,13 @@ impl DiskTier {
                 st.slots[id as usize].owned = false;
                 st.drop_slot(id);
             }
+            drop(st);
+            self.give_buf(buf);
             tracing::debug!(path = %self.path, key = %key, "disk block failed its checksum; dropped");
             return Err(TierError::Corrupt);
         }
-        out.copy_from_slice(&buf[ALIGN..ALIGN + l.block_size]);
+        out.copy_from_slice(&buf[..l.block_size]);
+        self.give_buf(buf);
         self.counters.hits.fetch_add(1, Ordering::Relaxed);
         self.read_meter.record(l.block_size, start.elapsed());
         if self.state.lock().eio_episode {

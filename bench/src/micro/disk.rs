@@ -3,8 +3,11 @@
 //!
 //! - Sequential write: fio `rw=write` vs `DiskTier::write` of fresh blocks (payload bytes
 //!   per second; the tier also writes a 4 KiB header per block and checksums every block).
-//! - Random read: fio `rw=randread` over the file it wrote vs `DiskTier::read` of random
-//!   stored blocks (checksum verified, copied out).
+//! - Random read: fio `rw=randread` over its file vs `DiskTier::read` of random stored
+//!   blocks (checksum verified, copied out).
+//!
+//! Both sides work on files of the same size, laid out before timing; one-second runs
+//! alternate (the order swapping every round) and the medians are compared.
 //! - Recovery: start-up time of a store holding 100,000 blocks of 16 KiB.
 //! - Write amplification: device bytes over admitted bytes under churn (a store a quarter
 //!   the size of the data written, a tenth of the blocks read again).
@@ -18,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use strata_cache_core::{BlockKey, BlockMeta, Tier};
+use strata_cache_core::{BlockHandle, BlockKey, BlockMeta, Tier};
 use strata_disk_tier::io::EngineKind;
 use strata_disk_tier::{DiskTier, DiskTierConfig};
 use tokio::sync::Semaphore;
@@ -59,13 +62,22 @@ fn ensure_fio() -> anyhow::Result<()> {
     )
 }
 
-/// Runs fio and returns its bandwidth in bytes per second.
-fn fio(file: &Path, rw: &str, bs: usize, size: u64, runtime: Option<u32>) -> anyhow::Result<f64> {
+/// Runs fio over `[offset, offset + size)` of `file`; returns its bandwidth in bytes per
+/// second and the bytes it moved.
+fn fio_at(
+    file: &Path,
+    rw: &str,
+    bs: usize,
+    offset: u64,
+    size: u64,
+    runtime: Option<u32>,
+) -> anyhow::Result<(f64, u64)> {
     let mut cmd = Command::new("fio");
     cmd.arg("--name=strata")
         .arg(format!("--filename={}", file.display()))
         .arg(format!("--rw={rw}"))
         .arg(format!("--bs={bs}"))
+        .arg(format!("--offset={offset}"))
         .arg(format!("--size={size}"))
         .arg(format!("--iodepth={QD}"))
         .arg("--direct=1")
@@ -80,10 +92,35 @@ fn fio(file: &Path, rw: &str, bs: usize, size: u64, runtime: Option<u32>) -> any
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio's JSON")?;
     let dir = if rw.contains("read") { "read" } else { "write" };
-    v["jobs"][0][dir]["bw_bytes"]
+    let bw = v["jobs"][0][dir]["bw_bytes"]
         .as_f64()
         .filter(|b| *b > 0.0)
-        .context("fio reported no bandwidth")
+        .context("fio reported no bandwidth")?;
+    Ok((bw, v["jobs"][0][dir]["io_bytes"].as_u64().unwrap_or(0)))
+}
+
+/// CPU seconds (user + system) this process has used.
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the stat line (11 and 12 after the name).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Runs fio over the whole file; returns its bandwidth in bytes per second.
+fn fio(file: &Path, rw: &str, bs: usize, size: u64, runtime: Option<u32>) -> anyhow::Result<f64> {
+    Ok(fio_at(file, rw, bs, 0, size, runtime)?.0)
 }
 
 fn key(i: u64) -> BlockKey {
@@ -109,39 +146,47 @@ fn config(path: &Path, bs: usize, blocks: u64) -> DiskTierConfig {
     c
 }
 
-/// Writes blocks `0..n` with QD writes in flight; returns payload bytes per second.
+/// Writes fresh blocks (numbered from `*next`) with QD writes in flight for `secs`, or
+/// `limit` blocks, whichever ends first; returns payload bytes per second. Written blocks
+/// are appended to `written`.
 async fn tier_write(
     t: &Arc<DiskTier>,
-    n: u64,
+    next: &mut u64,
+    limit: u64,
+    secs: f64,
     bs: usize,
-) -> anyhow::Result<(f64, Vec<strata_cache_core::BlockHandle>)> {
+    written: &mut Vec<(BlockHandle, u64)>,
+) -> anyhow::Result<f64> {
     let data = Arc::new((0..bs).map(|i| (i * 7 + 3) as u8).collect::<Vec<u8>>());
     let sem = Arc::new(Semaphore::new(QD));
     let start = Instant::now();
-    let mut tasks = Vec::with_capacity(n as usize);
-    for i in 0..n {
+    let deadline = start + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    let first = *next;
+    while *next - first < limit && Instant::now() < deadline {
         let permit = sem.clone().acquire_owned().await?;
-        let (t, data) = (t.clone(), data.clone());
+        let (t, data, i) = (t.clone(), data.clone(), *next);
+        *next += 1;
         tasks.push(tokio::spawn(async move {
             let r = t.write(&meta(i), &data).await;
             drop(permit);
-            r
+            r.map(|h| (h, i))
         }));
     }
-    let mut handles = Vec::with_capacity(n as usize);
+    let n = tasks.len() as u64;
     for task in tasks {
-        handles.push(task.await?.context("disk tier write")?);
+        written.push(task.await?.context("disk tier write")?);
     }
-    Ok((
-        (n * bs as u64) as f64 / start.elapsed().as_secs_f64(),
-        handles,
-    ))
+    let secs = start.elapsed().as_secs_f64();
+    t.take_dropped();
+    Ok((n * bs as u64) as f64 / secs)
 }
 
-/// Reads random stored blocks with QD reads in flight for `secs`; payload bytes per second.
+/// Reads random blocks among `blocks` with QD reads in flight for `secs`; payload bytes
+/// per second.
 async fn tier_randread(
     t: &Arc<DiskTier>,
-    handles: &Arc<Vec<strata_cache_core::BlockHandle>>,
+    blocks: Arc<Vec<(BlockHandle, u64)>>,
     bs: usize,
     secs: f64,
 ) -> anyhow::Result<f64> {
@@ -149,14 +194,14 @@ async fn tier_randread(
     let deadline = start + Duration::from_secs_f64(secs);
     let mut workers = Vec::new();
     for w in 0..QD as u64 {
-        let (t, handles) = (t.clone(), handles.clone());
+        let (t, blocks) = (t.clone(), blocks.clone());
         workers.push(tokio::spawn(async move {
             let mut rng = Rng(0x1234_5678 + w * 7919);
             let mut out = vec![0u8; bs];
             let mut n = 0u64;
             while Instant::now() < deadline {
-                let i = rng.below(handles.len() as u64);
-                t.read(handles[i as usize], &key(i), &mut out).await?;
+                let (h, i) = blocks[rng.below(blocks.len() as u64) as usize];
+                t.read(h, &key(i), &mut out).await?;
                 n += 1;
             }
             anyhow::Ok(n)
@@ -174,41 +219,65 @@ struct Pair {
     rand_read: f64,
 }
 
-async fn compare(
-    dir: &Path,
-    bs: usize,
-    size: u64,
-    rounds: usize,
-    read_secs: u32,
-) -> anyhow::Result<Pair> {
+/// Alternates one-second runs of fio and the disk tier, `rounds` times each way, over files
+/// of `size` bytes; returns the ratios of the medians. This kind of device drifts by 2-3x
+/// within seconds (host-side caching), so short alternating runs compare like with like.
+async fn compare(dir: &Path, bs: usize, size: u64, rounds: usize) -> anyhow::Result<Pair> {
     let n = size / bs as u64;
     let fio_file = dir.join("fio.dat");
     let tier_file = dir.join("strata.dat");
+    let _ = std::fs::remove_file(&fio_file);
+    let _ = std::fs::remove_file(&tier_file);
+    // Lay both files out first: fio writes its file once, the tier fills its ring.
+    fio(&fio_file, "write", bs, size, None)?;
+    let mut c = config(&tier_file, bs, n);
+    c.reinsert_fraction = 0.0; // plain FIFO: reads in this benchmark are not reuse
+    let t = Arc::new(DiskTier::open(c).await?);
+    let l = t.layout();
+    let live = (l.segments - 2) * l.blocks_per_segment;
+    let mut next = 0;
+    let mut written = Vec::new();
+    // One full pass around the ring, as fio's layout pass wrote its whole file: after it,
+    // both sides overwrite allocated blocks.
+    let ring = (l.segments * l.blocks_per_segment) as u64;
+    tier_write(&t, &mut next, ring, 600.0, bs, &mut written).await?;
+    let keep = written.len().saturating_sub(live);
+    written.drain(..keep);
     let (mut fw, mut tw, mut fr, mut tr) = (vec![], vec![], vec![], vec![]);
+    // fio's timed writes continue where the last one stopped, as the tier's ring does, so
+    // neither side rewrites the same recently written region over and over.
+    let mut fio_off = 0u64;
+    let mut cpu = Vec::new();
     for round in 0..rounds {
-        let _ = std::fs::remove_file(&fio_file);
-        let _ = std::fs::remove_file(&tier_file);
-        fw.push(fio(&fio_file, "write", bs, n * bs as u64, None)?);
-        let t = Arc::new(DiskTier::open(config(&tier_file, bs, n)).await?);
-        let (w, handles) = tier_write(&t, n, bs).await?;
-        tw.push(w);
-        fr.push(fio(
-            &fio_file,
-            "randread",
-            bs,
-            n * bs as u64,
-            Some(read_secs),
-        )?);
-        tr.push(tier_randread(&t, &Arc::new(handles), bs, f64::from(read_secs)).await?);
+        for side in [round % 2, 1 - round % 2] {
+            if side == 0 {
+                if size - fio_off < size / 2 {
+                    fio_off = 0;
+                }
+                let (bw, moved) = fio_at(&fio_file, "write", bs, fio_off, size - fio_off, Some(1))?;
+                fio_off += moved / bs as u64 * bs as u64;
+                fw.push(bw);
+                fr.push(fio(&fio_file, "randread", bs, size, Some(1))?);
+            } else {
+                let (c0, w0) = (cpu_secs(), Instant::now());
+                tw.push(tier_write(&t, &mut next, u64::MAX, 1.0, bs, &mut written).await?);
+                cpu.push((cpu_secs() - c0) / w0.elapsed().as_secs_f64());
+                let recent = written.len().saturating_sub(live);
+                written.drain(..recent);
+                tr.push(tier_randread(&t, Arc::new(written.clone()), bs, 1.0).await?);
+            }
+        }
         eprintln!(
-            "  {} KiB round {round}: seq write fio {:.0} vs strata {:.0} MiB/s; rand read fio {:.0} vs strata {:.0} MiB/s",
+            "  {} KiB round {round}: seq write fio {:.0} vs strata {:.0} MiB/s ({:.2} cores); rand read fio {:.0} vs strata {:.0} MiB/s",
             bs >> 10,
             fw[round] / 1048576.0,
             tw[round] / 1048576.0,
+            cpu[round],
             fr[round] / 1048576.0,
             tr[round] / 1048576.0
         );
     }
+    drop(t);
     let _ = std::fs::remove_file(&fio_file);
     let _ = std::fs::remove_file(&tier_file);
     Ok(Pair {
@@ -223,7 +292,9 @@ async fn recovery(dir: &Path, blocks: u64) -> anyhow::Result<f64> {
     let _ = std::fs::remove_file(&path);
     {
         let t = Arc::new(DiskTier::open(config(&path, bs, blocks)).await?);
-        tier_write(&t, blocks, bs).await?;
+        let mut next = 0;
+        let mut written = Vec::new();
+        tier_write(&t, &mut next, blocks, 600.0, bs, &mut written).await?;
     }
     let start = Instant::now();
     let t = DiskTier::open(config(&path, bs, blocks)).await?;
@@ -279,18 +350,18 @@ pub fn run(quick: bool, dir: Option<PathBuf>) -> anyhow::Result<Vec<Figure>> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .build()?;
-    let (rounds, big, small, read_secs, recover_blocks) = if quick {
-        (1, 256u64 << 20, 128u64 << 20, 2, 10_000)
+    let (rounds, big, small, recover_blocks) = if quick {
+        (2, 512u64 << 20, 256u64 << 20, 10_000)
     } else {
-        (3, 3u64 << 30, 1u64 << 30, 5, 100_000)
+        (9, 4u64 << 30, 2u64 << 30, 100_000)
     };
     eprintln!(
         "disk: files under {} (same file system for fio and Strata), QD {QD}, O_DIRECT",
         dir.display()
     );
     rt.block_on(async {
-        let large = compare(&dir, 3 << 19, big, rounds, read_secs).await?;
-        let small = compare(&dir, 64 << 10, small, rounds, read_secs).await?;
+        let large = compare(&dir, 3 << 19, big, rounds).await?;
+        let small = compare(&dir, 64 << 10, small, rounds).await?;
         eprintln!("disk: writing {recover_blocks} blocks of 16 KiB for the recovery figure...");
         let rec = recovery(&dir, recover_blocks).await?;
         let wa = churn(&dir, quick).await?;
