@@ -62,7 +62,7 @@ pub struct DiskTierConfig {
     pub capacity_bytes: u64,
     /// Payload bytes per block.
     pub block_size: usize,
-    /// Bytes per segment (default 64 MiB).
+    /// Bytes per segment (default 256 MiB).
     pub segment_bytes: u64,
     /// I/O engine.
     pub engine: EngineKind,
@@ -83,7 +83,7 @@ impl DiskTierConfig {
             path: path.into(),
             capacity_bytes,
             block_size,
-            segment_bytes: 64 << 20,
+            segment_bytes: 256 << 20,
             engine: EngineKind::Auto,
             queue_depth: 64,
             admission_hits: 0,
@@ -216,6 +216,8 @@ struct Segment {
     full: bool,
     /// The summary has been (or is being) written.
     sealed: bool,
+    /// No valid summary is on disk for it: it can be reopened without another I/O.
+    wiped: bool,
 }
 
 struct State {
@@ -462,6 +464,7 @@ impl DiskTier {
                         writing: 0,
                         full: false,
                         sealed: false,
+                        wiped: true,
                     })
                     .collect(),
                 open: 0,
@@ -598,6 +601,7 @@ impl DiskTier {
             st.segs[s].epoch = epoch;
             st.segs[s].sealed = sealed;
             st.segs[s].full = sealed;
+            st.segs[s].wiped = !sealed;
             st.segs[s].next = if sealed {
                 l.blocks_per_segment
             } else {
@@ -748,6 +752,45 @@ impl DiskTier {
         }
     }
 
+    /// Wipes the summary of the segment after `seg` ahead of its reuse, so that rotating
+    /// into it needs no I/O while writers wait. Its blocks stay readable; only a recovery
+    /// before its reuse would scan its headers instead of reading a summary.
+    async fn prepare_next(&self, seg: usize) {
+        let l = self.layout;
+        let next = (seg + 1) % l.segments;
+        {
+            let mut st = self.state.lock();
+            let n = &mut st.segs[next];
+            if n.wiped || n.writing > 0 || next == seg {
+                return;
+            }
+            // Counted as a write, so a rotation into it waits for the wipe.
+            n.writing += 1;
+        }
+        let guard = WriteSlot {
+            tier: self,
+            seg: next,
+        };
+        let (_, r) = self
+            .engine
+            .write(
+                0,
+                l.summary_offset(next),
+                AlignedBuf::new(l.summary_bytes, ALIGN),
+            )
+            .await;
+        match r {
+            Ok(()) => {
+                self.state.lock().segs[next].wiped = true;
+                self.counters
+                    .bytes_written
+                    .fetch_add(l.summary_bytes as u64, Ordering::Relaxed);
+            }
+            Err(e) => self.note_io_error(&e, false),
+        }
+        drop(guard);
+    }
+
     /// Seals the open segment and reclaims the next one (caller holds `rotation`).
     async fn rotate(&self) -> Result<(), TierError> {
         let l = self.layout;
@@ -841,15 +884,21 @@ impl DiskTier {
                 self.counters.blocks_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
-        // 3. Wipe the next segment's summary, so an old one never describes new records.
-        let (_, r) = self
-            .engine
-            .write(
-                0,
-                l.summary_offset(next),
-                AlignedBuf::new(l.summary_bytes, ALIGN),
-            )
-            .await;
+        // 3. Wipe the next segment's summary, so an old one never describes new records
+        // (usually done ahead of time by `prepare_next`).
+        let wiped = self.state.lock().segs[next].wiped;
+        let r = if wiped {
+            Ok(())
+        } else {
+            self.engine
+                .write(
+                    0,
+                    l.summary_offset(next),
+                    AlignedBuf::new(l.summary_bytes, ALIGN),
+                )
+                .await
+                .1
+        };
         if let Err(e) = r {
             self.note_io_error(&e, false);
             for (id, epoch, _) in &moving {
@@ -951,7 +1000,8 @@ impl DiskTier {
     async fn write_summary(&self, seg: usize) {
         let l = self.layout;
         let (epoch, entries) = {
-            let st = self.state.lock();
+            let mut st = self.state.lock();
+            st.segs[seg].wiped = false;
             let s = &st.segs[seg];
             let entries: Vec<(u32, RecordMeta)> = s
                 .records
@@ -1080,6 +1130,9 @@ impl DiskTier {
                 };
                 if slot_guard.finish() {
                     self.write_summary(seg).await;
+                }
+                if idx == l.blocks_per_segment / 2 {
+                    self.prepare_next(seg).await;
                 }
                 if self.state.lock().enospc_episode {
                     self.note_io_ok(false);

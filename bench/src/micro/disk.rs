@@ -3,8 +3,10 @@
 //!
 //! - Sequential write: fio `rw=write` vs `DiskTier::write` of fresh blocks (payload bytes
 //!   per second; the tier also writes a 4 KiB header per block and checksums every block).
-//! - Random read: fio `rw=randread` over its file vs `DiskTier::read` of random stored
-//!   blocks (checksum verified, copied out).
+//! - Random read: fio `rw=randread` of block-sized reads at the payload offsets of the
+//!   tier's own file vs `DiskTier::read` of random stored blocks (checksum verified,
+//!   copied out): the same bytes of the same age, so host-side caching of recently written
+//!   data favours neither side.
 //!
 //! Both sides work on files of the same size, laid out before timing; one-second runs
 //! alternate (the order swapping every round) and the medians are compared.
@@ -118,6 +120,36 @@ fn cpu_secs() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// fio random reads of `bs` bytes at offsets `8 KiB + k × record` of a tier file (its
+/// records' payloads), for one second, read-only; bytes per second.
+fn fio_reads_of(file: &Path, bs: usize, record: usize, file_bytes: u64) -> anyhow::Result<f64> {
+    let out = Command::new("fio")
+        .arg("--name=strata")
+        .arg(format!("--filename={}", file.display()))
+        .arg("--readonly")
+        .arg("--rw=randread")
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--blockalign={record}"))
+        .arg("--offset=8192")
+        .arg(format!("--size={}", file_bytes - 8192 - record as u64))
+        .arg(format!("--iodepth={QD}"))
+        .arg("--direct=1")
+        .arg("--ioengine=io_uring")
+        .arg("--runtime=1")
+        .arg("--time_based")
+        .arg("--output-format=json")
+        .output()
+        .context("running fio")?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio's JSON")?;
+    v["jobs"][0]["read"]["bw_bytes"]
+        .as_f64()
+        .filter(|b| *b > 0.0)
+        .context("fio reported no bandwidth")
+}
+
 /// Runs fio over the whole file; returns its bandwidth in bytes per second.
 fn fio(file: &Path, rw: &str, bs: usize, size: u64, runtime: Option<u32>) -> anyhow::Result<f64> {
     Ok(fio_at(file, rw, bs, 0, size, runtime)?.0)
@@ -136,7 +168,7 @@ fn meta(i: u64) -> BlockMeta {
 }
 
 fn config(path: &Path, bs: usize, blocks: u64) -> DiskTierConfig {
-    let seg: u64 = 64 << 20;
+    let seg: u64 = 256 << 20;
     let per_seg = (seg as usize - 8192) / (bs.div_ceil(4096) * 4096 + 4096 + 120);
     let segments = (blocks as usize).div_ceil(per_seg) as u64 + 2;
     let mut c = DiskTierConfig::new(path, 4096 + segments * seg, bs);
@@ -257,7 +289,15 @@ async fn compare(dir: &Path, bs: usize, size: u64, rounds: usize) -> anyhow::Res
                 let (bw, moved) = fio_at(&fio_file, "write", bs, fio_off, size - fio_off, Some(1))?;
                 fio_off += moved / bs as u64 * bs as u64;
                 fw.push(bw);
-                fr.push(fio(&fio_file, "randread", bs, size, Some(1))?);
+                // Random reads of the tier's own file, block-sized at record payload
+                // offsets: the same bytes, of the same age, as the tier reads (this device
+                // caches recently written data on its host, so another file would differ).
+                fr.push(fio_reads_of(
+                    &tier_file,
+                    bs,
+                    l.record_bytes,
+                    l.file_bytes(),
+                )?);
             } else {
                 let (c0, w0) = (cpu_secs(), Instant::now());
                 tw.push(tier_write(&t, &mut next, u64::MAX, 1.0, bs, &mut written).await?);
