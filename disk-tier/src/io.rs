@@ -150,6 +150,46 @@ fn wait_for(rx: oneshot::Receiver<IoResult>) -> IoFuture {
     })
 }
 
+/// Hands a request to an engine's queue. On failure (no such file, engine stopped) returns
+/// a ready future that gives the buffer back with the error.
+fn enqueue(
+    files: &[RawFd],
+    tx: Option<&Sender<Request>>,
+    in_flight: &AtomicUsize,
+    op: Op,
+    file: usize,
+    offset: u64,
+    buf: AlignedBuf,
+) -> Result<oneshot::Receiver<IoResult>, IoFuture> {
+    let (done, rx) = oneshot::channel();
+    let Some(&fd) = files.get(file) else {
+        return Err(Box::pin(async move {
+            (buf, Err(io::Error::other("no such file")))
+        }));
+    };
+    let Some(tx) = tx else {
+        return Err(Box::pin(async move {
+            (buf, Err(io::Error::other("I/O engine stopped")))
+        }));
+    };
+    in_flight.fetch_add(1, Ordering::AcqRel);
+    let req = Request {
+        op,
+        fd,
+        offset,
+        buf,
+        done,
+    };
+    if let Err(e) = tx.send(req) {
+        in_flight.fetch_sub(1, Ordering::AcqRel);
+        let r = e.into_inner();
+        return Err(Box::pin(async move {
+            (r.buf, Err(io::Error::other("I/O engine stopped")))
+        }));
+    }
+    Ok(rx)
+}
+
 fn full_io(op: Op, fd: RawFd, offset: u64, buf: &mut AlignedBuf) -> io::Result<()> {
     let mut done = 0usize;
     while done < buf.len() {
@@ -219,26 +259,18 @@ impl PsyncEngine {
     }
 
     fn submit(&self, op: Op, file: usize, offset: u64, buf: AlignedBuf) -> IoFuture {
-        let (done, rx) = oneshot::channel();
-        let Some(&fd) = self.files.get(file) else {
-            return Box::pin(async move { (buf, Err(io::Error::other("no such file"))) });
-        };
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let req = Request {
+        match enqueue(
+            &self.files,
+            self.tx.as_ref(),
+            &self.in_flight,
             op,
-            fd,
+            file,
             offset,
             buf,
-            done,
-        };
-        if let Some(tx) = &self.tx
-            && let Err(e) = tx.send(req)
-        {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            let r = e.into_inner();
-            return Box::pin(async move { (r.buf, Err(io::Error::other("I/O engine stopped"))) });
+        ) {
+            Ok(rx) => wait_for(rx),
+            Err(failed) => failed,
         }
-        wait_for(rx)
     }
 }
 
@@ -335,25 +367,18 @@ impl UringEngine {
     }
 
     fn submit(&self, op: Op, file: usize, offset: u64, buf: AlignedBuf) -> IoFuture {
-        let (done, rx) = oneshot::channel();
-        let Some(&fd) = self.files.get(file) else {
-            return Box::pin(async move { (buf, Err(io::Error::other("no such file"))) });
-        };
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let req = Request {
+        let rx = match enqueue(
+            &self.files,
+            self.tx.as_ref(),
+            &self.in_flight,
             op,
-            fd,
+            file,
             offset,
             buf,
-            done,
+        ) {
+            Ok(rx) => rx,
+            Err(failed) => return failed,
         };
-        if let Some(tx) = &self.tx
-            && let Err(e) = tx.send(req)
-        {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            let r = e.into_inner();
-            return Box::pin(async move { (r.buf, Err(io::Error::other("I/O engine stopped"))) });
-        }
         if self.sleeping.swap(false, Ordering::SeqCst) {
             self.ring_doorbell();
         }
