@@ -492,7 +492,14 @@ impl DiskTier {
             #[cfg(any(test, feature = "testing"))]
             faults,
         };
-        if fresh {
+        // A store whose superblock area is all zeros (a new file, a zeroed device) is
+        // empty: format it. Anything else must be a store made with these settings.
+        let blank = fresh || {
+            let (sb, r) = tier.engine.read(0, 0, AlignedBuf::new(ALIGN, ALIGN)).await;
+            r.map_err(io_err("reading the superblock of"))?;
+            sb.iter().all(|&b| b == 0)
+        };
+        if blank {
             let mut sb = AlignedBuf::new(ALIGN, ALIGN);
             format::encode_super(&layout, &mut sb);
             let (_, r) = tier.engine.write(0, 0, sb).await;
@@ -523,7 +530,7 @@ impl DiskTier {
         })?;
         let Some((bs, seg_bytes, segments)) = format::decode_super(&sb) else {
             return Err(DiskTierError::Config(format!(
-                "{} is not empty and holds no Strata disk tier (bad superblock); use another path or delete it",
+                "{} holds data that is not a Strata disk tier (its first 4 KiB are neither a superblock nor zeros); use another path, or zero them to format it",
                 self.path
             )));
         };
