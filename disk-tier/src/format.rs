@@ -13,6 +13,9 @@
 //! segment and scans headers only in segments that were not sealed. A segment that is
 //! reused first has its summary wiped, so a valid summary always describes the records of
 //! the segment's current generation.
+//!
+//! The superblock holds a random store id; every header and summary carries it, so records
+//! left on a reused file or device by an earlier store never count as this store's.
 
 use strata_cache_core::BlockKey;
 
@@ -21,7 +24,7 @@ pub const ALIGN: usize = 4096;
 const SUPER_MAGIC: &[u8; 8] = b"STRATAG3";
 const RECORD_MAGIC: &[u8; 8] = b"STRATAB1";
 const SUMMARY_MAGIC: &[u8; 8] = b"STRATAS1";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// Bytes of one summary entry.
 pub const ENTRY_BYTES: usize = 120;
 const SUMMARY_HEAD: usize = 64;
@@ -98,30 +101,53 @@ impl Layout {
     }
 }
 
+/// Identifies one store: records of another store on the same file never match.
+pub type StoreId = [u8; 16];
+
+/// A fresh store id (blake3 of the time, the process and a counter).
+pub fn new_store_id(path: &str) -> StoreId {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = blake3::Hasher::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.update(&now.to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    h.update(path.as_bytes());
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    id
+}
+
 /// Encodes the superblock.
-pub fn encode_super(l: &Layout, out: &mut [u8]) {
+pub fn encode_super(l: &Layout, id: &StoreId, out: &mut [u8]) {
     out[..ALIGN].fill(0);
     out[0..8].copy_from_slice(SUPER_MAGIC);
     out[8..12].copy_from_slice(&VERSION.to_le_bytes());
     out[12..20].copy_from_slice(&(l.block_size as u64).to_le_bytes());
     out[20..28].copy_from_slice(&l.segment_bytes.to_le_bytes());
     out[28..36].copy_from_slice(&(l.segments as u64).to_le_bytes());
-    let sum = blake3::hash(&out[..36]);
-    out[36..52].copy_from_slice(&sum.as_bytes()[..16]);
+    out[36..52].copy_from_slice(id);
+    let sum = blake3::hash(&out[..52]);
+    out[52..68].copy_from_slice(&sum.as_bytes()[..16]);
 }
 
-/// What a superblock says: block size, segment size, segments.
-pub fn decode_super(b: &[u8]) -> Option<(usize, u64, usize)> {
+/// What a superblock says: block size, segment size, segments, store id.
+pub fn decode_super(b: &[u8]) -> Option<(usize, u64, usize, StoreId)> {
     if &b[0..8] != SUPER_MAGIC || u32::from_le_bytes(b[8..12].try_into().ok()?) != VERSION {
         return None;
     }
-    if blake3::hash(&b[..36]).as_bytes()[..16] != b[36..52] {
+    if blake3::hash(&b[..52]).as_bytes()[..16] != b[52..68] {
         return None;
     }
     Some((
         u64::from_le_bytes(b[12..20].try_into().ok()?) as usize,
         u64::from_le_bytes(b[20..28].try_into().ok()?),
         u64::from_le_bytes(b[28..36].try_into().ok()?) as usize,
+        b[36..52].try_into().ok()?,
     ))
 }
 
@@ -143,7 +169,7 @@ pub struct RecordMeta {
 }
 
 /// Writes a record header into the first `ALIGN` bytes of `out`.
-pub fn encode_header(m: &RecordMeta, out: &mut [u8]) {
+pub fn encode_header(m: &RecordMeta, id: &StoreId, out: &mut [u8]) {
     let h = &mut out[..ALIGN];
     h.fill(0);
     h[0..8].copy_from_slice(RECORD_MAGIC);
@@ -154,16 +180,17 @@ pub fn encode_header(m: &RecordMeta, out: &mut [u8]) {
     h[64..96].copy_from_slice(&m.namespace.0);
     h[96..104].copy_from_slice(&m.len.to_le_bytes());
     h[104..136].copy_from_slice(&m.checksum);
-    let sum = blake3::hash(&h[..136]);
-    h[136..152].copy_from_slice(&sum.as_bytes()[..16]);
+    h[136..152].copy_from_slice(id);
+    let sum = blake3::hash(&h[..152]);
+    h[152..168].copy_from_slice(&sum.as_bytes()[..16]);
 }
 
-/// Reads a record header; `None` if it is not a valid header.
-pub fn decode_header(h: &[u8]) -> Option<RecordMeta> {
-    if h.len() < 152 || &h[0..8] != RECORD_MAGIC {
+/// Reads a record header of store `id`; `None` if it is not a valid header of that store.
+pub fn decode_header(h: &[u8], id: &StoreId) -> Option<RecordMeta> {
+    if h.len() < 168 || &h[0..8] != RECORD_MAGIC || &h[136..152] != id {
         return None;
     }
-    if blake3::hash(&h[..136]).as_bytes()[..16] != h[136..152] {
+    if blake3::hash(&h[..152]).as_bytes()[..16] != h[152..168] {
         return None;
     }
     if u32::from_le_bytes(h[8..12].try_into().ok()?) != VERSION {
@@ -181,11 +208,12 @@ pub fn decode_header(h: &[u8]) -> Option<RecordMeta> {
 
 /// Encodes a segment summary of `(record index, meta)` entries into `out`
 /// (`summary_bytes` long).
-pub fn encode_summary(epoch: u64, entries: &[(u32, RecordMeta)], out: &mut [u8]) {
+pub fn encode_summary(epoch: u64, entries: &[(u32, RecordMeta)], id: &StoreId, out: &mut [u8]) {
     out.fill(0);
     out[0..8].copy_from_slice(SUMMARY_MAGIC);
     out[8..16].copy_from_slice(&epoch.to_le_bytes());
     out[16..20].copy_from_slice(&(entries.len() as u32).to_le_bytes());
+    out[20..36].copy_from_slice(id);
     for (i, (idx, m)) in entries.iter().enumerate() {
         let e = &mut out[SUMMARY_HEAD + i * ENTRY_BYTES..SUMMARY_HEAD + (i + 1) * ENTRY_BYTES];
         e[0..4].copy_from_slice(&idx.to_le_bytes());
@@ -196,13 +224,30 @@ pub fn encode_summary(epoch: u64, entries: &[(u32, RecordMeta)], out: &mut [u8])
         e[88..120].copy_from_slice(&m.checksum);
     }
     let end = SUMMARY_HEAD + entries.len() * ENTRY_BYTES;
-    let sum = blake3::hash(&out[SUMMARY_HEAD..end]);
-    out[24..56].copy_from_slice(sum.as_bytes());
+    let sum = summary_checksum(out, end);
+    out[36..52].copy_from_slice(&sum);
 }
 
-/// Decodes a summary; `None` if it is absent or damaged.
-pub fn decode_summary(b: &[u8], max_entries: usize) -> Option<Vec<(u32, RecordMeta)>> {
-    if &b[0..8] != SUMMARY_MAGIC {
+/// blake3 (16 bytes) of a summary's epoch, count, store id and entries.
+fn summary_checksum(b: &[u8], end: usize) -> [u8; 16] {
+    let mut h = blake3::Hasher::new();
+    h.update(&b[8..36]);
+    h.update(&b[SUMMARY_HEAD..end]);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    out
+}
+
+/// Decodes a summary of store `id` whose records hold `block_size` bytes: its epoch and
+/// entries; `None` if it is absent, damaged, of another store, or names an index twice or
+/// past `max_entries`.
+pub fn decode_summary(
+    b: &[u8],
+    max_entries: usize,
+    block_size: usize,
+    id: &StoreId,
+) -> Option<(u64, Vec<(u32, RecordMeta)>)> {
+    if b.len() < SUMMARY_HEAD || &b[0..8] != SUMMARY_MAGIC || &b[20..36] != id {
         return None;
     }
     let epoch = u64::from_le_bytes(b[8..16].try_into().ok()?);
@@ -211,10 +256,11 @@ pub fn decode_summary(b: &[u8], max_entries: usize) -> Option<Vec<(u32, RecordMe
         return None;
     }
     let end = SUMMARY_HEAD + n * ENTRY_BYTES;
-    if blake3::hash(&b[SUMMARY_HEAD..end]).as_bytes() != &b[24..56] {
+    if summary_checksum(b, end) != b[36..52] {
         return None;
     }
     let mut out = Vec::with_capacity(n);
+    let mut seen = vec![false; max_entries];
     for i in 0..n {
         let e = &b[SUMMARY_HEAD + i * ENTRY_BYTES..SUMMARY_HEAD + (i + 1) * ENTRY_BYTES];
         out.push((
@@ -228,8 +274,14 @@ pub fn decode_summary(b: &[u8], max_entries: usize) -> Option<Vec<(u32, RecordMe
                 checksum: e[88..120].try_into().ok()?,
             },
         ));
+        let (idx, m) = out.last()?;
+        let idx = *idx as usize;
+        if idx >= max_entries || seen[idx] || m.len != block_size as u64 {
+            return None;
+        }
+        seen[idx] = true;
     }
-    Some(out)
+    Some((epoch, out))
 }
 
 #[cfg(test)]
@@ -263,34 +315,73 @@ mod tests {
 
     #[test]
     fn header_round_trip_and_damage() {
+        let id = [5u8; 16];
         let mut b = vec![0u8; ALIGN];
-        encode_header(&meta(3), &mut b);
-        assert_eq!(decode_header(&b), Some(meta(3)));
-        for pos in [0, 20, 40, 100, 140] {
+        encode_header(&meta(3), &id, &mut b);
+        assert_eq!(decode_header(&b, &id), Some(meta(3)));
+        assert_eq!(
+            decode_header(&b, &[6u8; 16]),
+            None,
+            "another store's record"
+        );
+        for pos in [0, 20, 40, 100, 140, 160] {
             let mut c = b.clone();
             c[pos] ^= 1;
-            assert_eq!(decode_header(&c), None, "flip at {pos}");
+            assert_eq!(decode_header(&c, &id), None, "flip at {pos}");
         }
-        assert_eq!(decode_header(&[0u8; ALIGN]), None);
+        assert_eq!(decode_header(&[0u8; ALIGN], &id), None);
     }
 
     #[test]
     fn summary_round_trip_and_damage() {
+        let id = [5u8; 16];
         let entries: Vec<_> = (0..10u8).map(|i| (u32::from(i) * 2, meta(i))).collect();
         let mut b = vec![0u8; 2 * ALIGN];
-        encode_summary(7, &entries, &mut b);
-        assert_eq!(decode_summary(&b, 10).unwrap(), entries);
-        assert_eq!(decode_summary(&b, 5), None);
+        encode_summary(7, &entries, &id, &mut b);
+        assert_eq!(
+            decode_summary(&b, 20, 65536, &id).unwrap(),
+            (7, entries.clone())
+        );
+        assert_eq!(decode_summary(&b, 5, 65536, &id), None, "too many entries");
+        assert_eq!(
+            decode_summary(&b, 18, 65536, &id),
+            None,
+            "index past the end"
+        );
+        assert_eq!(decode_summary(&b, 20, 4096, &id), None, "wrong block size");
+        assert_eq!(
+            decode_summary(&b, 20, 65536, &[6u8; 16]),
+            None,
+            "another store"
+        );
+        let mut e = b.clone();
+        e[9] ^= 1;
+        assert_eq!(decode_summary(&e, 20, 65536, &id), None, "epoch is covered");
         b[SUMMARY_HEAD + 5] ^= 1;
-        assert_eq!(decode_summary(&b, 10), None);
+        assert_eq!(decode_summary(&b, 20, 65536, &id), None);
+        let mut dup = entries.clone();
+        dup[1].0 = dup[0].0;
+        let mut d = vec![0u8; 2 * ALIGN];
+        encode_summary(7, &dup, &id, &mut d);
+        assert_eq!(
+            decode_summary(&d, 20, 65536, &id),
+            None,
+            "an index named twice"
+        );
+        // An empty summary keeps its epoch.
+        encode_summary(9, &[], &id, &mut d);
+        assert_eq!(decode_summary(&d, 20, 65536, &id).unwrap(), (9, vec![]));
     }
 
     #[test]
     fn superblock_round_trip() {
         let l = Layout::new(4096, 1 << 20, 16 << 20).unwrap();
         let mut b = vec![0u8; ALIGN];
-        encode_super(&l, &mut b);
-        assert_eq!(decode_super(&b), Some((4096, 1 << 20, l.segments)));
+        encode_super(&l, &[3u8; 16], &mut b);
+        assert_eq!(
+            decode_super(&b),
+            Some((4096, 1 << 20, l.segments, [3u8; 16]))
+        );
         b[13] ^= 1;
         assert_eq!(decode_super(&b), None);
     }

@@ -473,16 +473,35 @@ fn uring_loop(
                 submits.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            // Transient: reap what has completed and try again.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EBUSY) | Some(libc::EAGAIN) | Some(libc::ENOMEM)
+                ) => {}
             Err(e) => {
-                // The ring is unusable: fail everything we hold.
+                // The ring is unusable. Requests already submitted may still be running in
+                // the kernel, so their buffers are never handed back or freed (leaked on
+                // purpose); their requesters get an error with a stand-in buffer.
+                tracing::error!(error = %e, "io_uring failed; the disk tier's I/O stops");
                 for (_, r) in pending.drain() {
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
+                    let Request { buf, done, .. } = r;
+                    std::mem::forget(buf);
+                    let _ = done.send((
+                        AlignedBuf::new(1, 1),
+                        Err(io::Error::new(e.kind(), e.to_string())),
+                    ));
+                }
+                for r in backlog.drain(..) {
                     in_flight.fetch_sub(1, Ordering::AcqRel);
                     let _ = r
                         .done
-                        .send((r.buf, Err(io::Error::new(e.kind(), e.to_string()))));
+                        .send((r.buf, Err(io::Error::other("I/O engine stopped"))));
                 }
-                break;
+                std::mem::forget(ring);
+                std::mem::forget(bell_buf);
+                return;
             }
         }
         let done: Vec<(u64, i32)> = ring
@@ -494,7 +513,7 @@ fn uring_loop(
                 bell_armed = false;
                 continue;
             }
-            let Some(mut r) = pending.remove(&id) else {
+            let Some(r) = pending.remove(&id) else {
                 continue;
             };
             let want = r.buf.len();
@@ -502,8 +521,7 @@ fn uring_loop(
                 Err(io::Error::from_raw_os_error(-res))
             } else if (res as usize) < want {
                 // Finish a short transfer synchronously (rare with O_DIRECT).
-                let got = res as usize;
-                finish_short(r.op, r.fd, r.offset, &mut r.buf, got)
+                finish_short(r.op, res as usize, want)
             } else {
                 Ok(())
             };
@@ -517,23 +535,16 @@ fn uring_loop(
     drop(bell_buf);
 }
 
-fn finish_short(
-    op: Op,
-    fd: RawFd,
-    offset: u64,
-    buf: &mut AlignedBuf,
-    got: usize,
-) -> io::Result<()> {
-    let mut rest = AlignedBuf::new(buf.len() - got, 1);
-    if let Op::Write = op {
-        rest.copy_from_slice(&buf[got..]);
-    }
-    full_io(op, fd, offset + got as u64, &mut rest)?;
-    if let Op::Read = op {
-        let n = buf.len();
-        buf[got..n].copy_from_slice(&rest);
-    }
-    Ok(())
+fn finish_short(op: Op, got: usize, want: usize) -> io::Result<()> {
+    // O_DIRECT transfers are all or nothing on a healthy device; a short one is an error
+    // (finishing it would need an aligned remainder, which a short count rarely is).
+    Err(io::Error::new(
+        match op {
+            Op::Read => io::ErrorKind::UnexpectedEof,
+            Op::Write => io::ErrorKind::WriteZero,
+        },
+        format!("short transfer: {got} of {want} bytes"),
+    ))
 }
 
 impl IoEngine for UringEngine {

@@ -222,7 +222,9 @@ struct Segment {
 
 struct State {
     slots: Vec<Slot>,
-    free_slots: Vec<u32>,
+    /// First in, first out: a slot id is reused as rarely as possible, so its epoch
+    /// (which tells stale handles apart) does not wrap.
+    free_slots: std::collections::VecDeque<u32>,
     by_key: HashMap<BlockKey, u32>,
     segs: Vec<Segment>,
     open: usize,
@@ -240,6 +242,7 @@ struct State {
 /// The G3 tier. See the crate docs.
 pub struct DiskTier {
     layout: Layout,
+    store_id: format::StoreId,
     engine: Arc<dyn IoEngine>,
     _file: File,
     path: String,
@@ -288,7 +291,7 @@ impl State {
             tag: 0,
             meta,
         };
-        let id = match self.free_slots.pop() {
+        let id = match self.free_slots.pop_front() {
             Some(id) => {
                 let epoch = self.slots[id as usize].epoch;
                 self.slots[id as usize] = Slot { epoch, ..s };
@@ -328,7 +331,7 @@ impl State {
             self.by_key.remove(&key);
         }
         self.moving.remove(&id);
-        self.free_slots.push(id);
+        self.free_slots.push_back(id);
         self.live -= 1;
         owned
     }
@@ -447,14 +450,15 @@ impl DiskTier {
         #[cfg(not(any(test, feature = "testing")))]
         let engine = base;
 
-        let tier = DiskTier {
+        let mut tier = DiskTier {
             layout,
+            store_id: [0; 16],
             engine,
             _file: file,
             path: path.clone(),
             state: Mutex::new(State {
                 slots: Vec::new(),
-                free_slots: Vec::new(),
+                free_slots: std::collections::VecDeque::new(),
                 by_key: HashMap::new(),
                 segs: (0..layout.segments)
                     .map(|_| Segment {
@@ -501,7 +505,8 @@ impl DiskTier {
         };
         if blank {
             let mut sb = AlignedBuf::new(ALIGN, ALIGN);
-            format::encode_super(&layout, &mut sb);
+            tier.store_id = format::new_store_id(&path);
+            format::encode_super(&layout, &tier.store_id, &mut sb);
             let (_, r) = tier.engine.write(0, 0, sb).await;
             r.map_err(io_err("writing the superblock of"))?;
             tier.state.lock().segs[0].epoch = 1;
@@ -520,7 +525,7 @@ impl DiskTier {
         Ok(tier)
     }
 
-    async fn recover(&self) -> Result<(), DiskTierError> {
+    async fn recover(&mut self) -> Result<(), DiskTierError> {
         let l = self.layout;
         let (sb, r) = self.engine.read(0, 0, AlignedBuf::new(ALIGN, ALIGN)).await;
         r.map_err(|source| DiskTierError::Io {
@@ -528,7 +533,7 @@ impl DiskTier {
             path: self.path.clone(),
             source,
         })?;
-        let Some((bs, seg_bytes, segments)) = format::decode_super(&sb) else {
+        let Some((bs, seg_bytes, segments, store_id)) = format::decode_super(&sb) else {
             return Err(DiskTierError::Config(format!(
                 "{} holds data that is not a Strata disk tier (its first 4 KiB are neither a superblock nor zeros); use another path, or zero them to format it",
                 self.path
@@ -545,6 +550,7 @@ impl DiskTier {
                 want_segments: l.segments,
             });
         }
+        self.store_id = store_id;
         // Summaries of every segment, all submitted at once.
         let futs: Vec<_> = (0..l.segments)
             .map(|s| {
@@ -561,14 +567,11 @@ impl DiskTier {
         let mut unsealed = Vec::new();
         for (s, f) in futs.into_iter().enumerate() {
             let (buf, r) = f.await;
-            let summary = r
-                .ok()
-                .and_then(|_| format::decode_summary(&buf, l.blocks_per_segment));
+            let summary = r.ok().and_then(|_| {
+                format::decode_summary(&buf, l.blocks_per_segment, l.block_size, &self.store_id)
+            });
             match summary {
-                Some(e) => {
-                    let epoch = e.first().map(|x| x.1.epoch).unwrap_or(0);
-                    per_seg.push((epoch, e, true));
-                }
+                Some((epoch, e)) => per_seg.push((epoch, e, true)),
                 None => {
                     per_seg.push((0, Vec::new(), false));
                     unsealed.push(s);
@@ -587,7 +590,7 @@ impl DiskTier {
             for (i, f) in futs.into_iter().enumerate() {
                 let (buf, r) = f.await;
                 if r.is_ok()
-                    && let Some(m) = format::decode_header(&buf)
+                    && let Some(m) = format::decode_header(&buf, &self.store_id)
                     && m.len == l.block_size as u64
                 {
                     found.push((i as u32, m));
@@ -608,7 +611,9 @@ impl DiskTier {
             st.segs[s].epoch = epoch;
             st.segs[s].sealed = sealed;
             st.segs[s].full = sealed;
-            st.segs[s].wiped = !sealed;
+            // Whatever summary area a recovered segment has may hold a valid old summary
+            // (even if reading it failed just now): wipe before reuse.
+            st.segs[s].wiped = false;
             st.segs[s].next = if sealed {
                 l.blocks_per_segment
             } else {
@@ -767,8 +772,11 @@ impl DiskTier {
         let next = (seg + 1) % l.segments;
         {
             let mut st = self.state.lock();
+            if next == st.open || next == seg {
+                return;
+            }
             let n = &mut st.segs[next];
-            if n.wiped || n.writing > 0 || next == seg {
+            if n.wiped || n.writing > 0 {
                 return;
             }
             // Counted as a write, so a rotation into it waits for the wipe.
@@ -831,6 +839,14 @@ impl DiskTier {
         // 3. Reclaim it: keep hot blocks (up to the budget), drop the rest.
         let keep: Vec<(u32, u32, u64)> = {
             let mut st = self.state.lock();
+            // Blocks left in memory by a rotation that was cancelled midway are gone.
+            let stale: Vec<u32> = st.moving.keys().copied().collect();
+            for id in stale {
+                if let Some(d) = st.drop_slot(id) {
+                    st.dropped.push(d);
+                    self.dropped_flag.store(true, Ordering::Release);
+                }
+            }
             let ids: Vec<u32> = st.segs[next]
                 .records
                 .iter()
@@ -919,53 +935,76 @@ impl DiskTier {
             }
             return Err(TierError::Io(e));
         }
-        // 4. Open it under a new generation.
-        {
+        // 4. Give it a new generation and write the hot blocks back at its first records,
+        // all at once, before it is published as open: new writes cannot overtake them, and
+        // the indices they take are reserved.
+        let (sgen, base_seq) = {
             let mut st = self.state.lock();
             let epoch = st.next_gen;
             st.next_gen += 1;
+            let base_seq = st.next_seq;
+            st.next_seq += moving.len() as u64;
             let seg = &mut st.segs[next];
             seg.epoch = epoch;
-            seg.next = 0;
+            seg.next = moving.len();
             seg.full = false;
             seg.sealed = false;
+            seg.wiped = true;
+            seg.writing += moving.len();
             seg.records.iter_mut().for_each(|r| *r = NONE);
-            st.open = next;
+            (epoch, base_seq)
+        };
+        // Releases the reserved write counts that are still outstanding if this future is
+        // dropped midway, so the segment never waits forever.
+        struct Outstanding<'a> {
+            tier: &'a DiskTier,
+            seg: usize,
+            left: usize,
         }
-        // 5. Write the hot blocks back into it.
-        for (id, epoch, buf) in moving {
-            let (seg, idx, sgen, seq, slot_guard) = {
-                let mut st = self.state.lock();
-                if !(st.slots[id as usize].live && st.slots[id as usize].epoch == epoch) {
-                    continue;
+        impl Drop for Outstanding<'_> {
+            fn drop(&mut self) {
+                if self.left > 0 {
+                    let mut st = self.tier.state.lock();
+                    st.segs[self.seg].writing -= self.left;
+                    if st.segs[self.seg].writing == 0 {
+                        self.tier.writes_done.notify_waiters();
+                    }
                 }
-                let o = st.open;
-                let idx = st.segs[o].next;
-                st.segs[o].next += 1;
-                st.segs[o].writing += 1;
-                let seq = st.next_seq;
-                st.next_seq += 1;
-                (
-                    o,
-                    idx,
-                    st.segs[o].epoch,
-                    seq,
-                    WriteSlot { tier: self, seg: o },
-                )
-            };
+            }
+        }
+        let mut outstanding = Outstanding {
+            tier: self,
+            seg: next,
+            left: moving.len(),
+        };
+        let mut writes = Vec::with_capacity(moving.len());
+        for (i, (_, _, buf)) in moving.iter().enumerate() {
             let mut rec = AlignedBuf::new(l.record_bytes, ALIGN);
-            rec.copy_from_slice(&buf);
-            let mut meta = format::decode_header(&rec).ok_or(TierError::Corrupt)?;
-            meta.epoch = sgen;
-            meta.seq = seq;
-            format::encode_header(&meta, &mut rec);
-            let (_, r) = self.engine.write(0, l.record_offset(seg, idx), rec).await;
+            rec.copy_from_slice(buf);
+            let write = match format::decode_header(&rec, &self.store_id) {
+                Some(mut meta) => {
+                    meta.epoch = sgen;
+                    meta.seq = base_seq + i as u64;
+                    format::encode_header(&meta, &self.store_id, &mut rec);
+                    Some((meta, self.engine.write(0, l.record_offset(next, i), rec)))
+                }
+                None => None,
+            };
+            writes.push(write);
+        }
+        for (i, ((id, epoch, _), w)) in moving.into_iter().zip(writes).enumerate() {
+            let r = match w {
+                Some((meta, f)) => f.await.1.map(|()| meta),
+                None => Err(std::io::Error::other("unreadable header")),
+            };
             let failed = {
                 let mut st = self.state.lock();
+                st.segs[next].writing -= 1;
+                outstanding.left -= 1;
                 st.moving.remove(&id);
                 let alive = st.slots[id as usize].live && st.slots[id as usize].epoch == epoch;
                 match r {
-                    Ok(()) if alive => {
+                    Ok(meta) if alive => {
                         self.counters
                             .bytes_written
                             .fetch_add(l.record_bytes as u64, Ordering::Relaxed);
@@ -973,15 +1012,14 @@ impl DiskTier {
                             .blocks_reinserted
                             .fetch_add(1, Ordering::Relaxed);
                         let s = &mut st.slots[id as usize];
-                        s.seg = seg as u32;
-                        s.idx = idx as u32;
+                        s.seg = next as u32;
+                        s.idx = i as u32;
                         s.hot = false;
-                        s.meta.epoch = sgen;
-                        s.meta.seq = seq;
-                        st.segs[seg].records[idx] = id;
+                        s.meta = meta;
+                        st.segs[next].records[i] = id;
                         None
                     }
-                    Ok(()) => None,
+                    Ok(_) => None,
                     Err(e) => {
                         if alive && let Some(d) = st.drop_slot(id) {
                             st.dropped.push(d);
@@ -991,13 +1029,17 @@ impl DiskTier {
                     }
                 }
             };
-            // The state lock is released before the write slot (whose drop takes it).
             if let Some(e) = failed {
                 self.note_io_error(&e, false);
             }
-            if slot_guard.finish() {
-                self.write_summary(seg).await;
+        }
+        // 5. Publish it.
+        {
+            let mut st = self.state.lock();
+            if st.segs[next].writing == 0 {
+                self.writes_done.notify_waiters();
             }
+            st.open = next;
         }
         Ok(())
     }
@@ -1020,7 +1062,7 @@ impl DiskTier {
             (s.epoch, entries)
         };
         let mut sum = AlignedBuf::new(l.summary_bytes, ALIGN);
-        format::encode_summary(epoch, &entries, &mut sum);
+        format::encode_summary(epoch, &entries, &self.store_id, &mut sum);
         let guard = WriteSlot { tier: self, seg };
         let (_, r) = self.engine.write(0, l.summary_offset(seg), sum).await;
         match r {
@@ -1065,7 +1107,7 @@ impl DiskTier {
 
     /// Checks a record read from disk against what the index expects.
     fn verify(&self, rec: &[u8], want: &RecordMeta) -> bool {
-        let Some(m) = format::decode_header(&rec[..ALIGN]) else {
+        let Some(m) = format::decode_header(&rec[..ALIGN], &self.store_id) else {
             return false;
         };
         if m.key != want.key
@@ -1117,7 +1159,7 @@ impl DiskTier {
             len: data.len() as u64,
             checksum,
         };
-        format::encode_header(&rm, &mut rec);
+        format::encode_header(&rm, &self.store_id, &mut rec);
         let (rec, r) = self.engine.write(0, l.record_offset(seg, idx), rec).await;
         self.give_buf(rec);
         match r {
@@ -1130,10 +1172,12 @@ impl DiskTier {
                     .admitted_bytes
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
                 self.write_meter.record(data.len(), start.elapsed());
-                let h = {
+                // Soft (unowned) until the handle is handed out: if this future is dropped
+                // while it seals or prepares below, the block is adoptable, not orphaned.
+                let (id, epoch) = {
                     let mut st = self.state.lock();
-                    let id = st.new_slot(seg, idx, rm, true);
-                    handle_of(id, st.slots[id as usize].epoch)
+                    let id = st.new_slot(seg, idx, rm, false);
+                    (id, st.slots[id as usize].epoch)
                 };
                 if slot_guard.finish() {
                     self.write_summary(seg).await;
@@ -1144,7 +1188,15 @@ impl DiskTier {
                 if self.state.lock().enospc_episode {
                     self.note_io_ok(false);
                 }
-                Ok(h)
+                let mut st = self.state.lock();
+                let s = &mut st.slots[id as usize];
+                if s.live && s.epoch == epoch && !s.owned {
+                    s.owned = true;
+                    Ok(handle_of(id, epoch))
+                } else {
+                    // Reclaimed (or adopted by key) in the meantime: not ours to hand out.
+                    Err(TierError::Rejected)
+                }
             }
             Err(e) => {
                 if slot_guard.finish() {
@@ -1174,73 +1226,88 @@ impl DiskTier {
             });
         }
         let start = Instant::now();
-        let (id, epoch, meta, off, mem) = {
-            let mut st = self.state.lock();
-            let Some(id) = st.slot(h) else {
-                drop(st);
-                self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                return Err(TierError::BadHandle(h));
+        // A block that a reclaim moves while we read it is read again from where it went.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (id, epoch, meta, off, mem) = {
+                let mut st = self.state.lock();
+                let Some(id) = st.slot(h) else {
+                    drop(st);
+                    self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                    return Err(TierError::BadHandle(h));
+                };
+                let s = &mut st.slots[id as usize];
+                if s.meta.key != *key {
+                    drop(st);
+                    self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                    return Err(TierError::BadHandle(h));
+                }
+                s.hot = true;
+                let (epoch, meta, off) = (
+                    s.epoch,
+                    s.meta,
+                    l.record_offset(s.seg as usize, s.idx as usize),
+                );
+                (id, epoch, meta, off, st.moving.get(&id).cloned())
             };
-            let s = &mut st.slots[id as usize];
-            if s.meta.key != *key {
-                drop(st);
-                self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                return Err(TierError::BadHandle(h));
+            if let Some(buf) = mem {
+                out.copy_from_slice(&buf[ALIGN..ALIGN + l.block_size]);
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
             }
-            s.hot = true;
-            let (epoch, meta, off) = (
-                s.epoch,
-                s.meta,
-                l.record_offset(s.seg as usize, s.idx as usize),
-            );
-            (id, epoch, meta, off, st.moving.get(&id).cloned())
-        };
-        if let Some(buf) = mem {
-            out.copy_from_slice(&buf[ALIGN..ALIGN + l.block_size]);
+            // The payload alone: the index already holds the header's facts, and a payload
+            // whose blake3 matches the recorded checksum is the block's (a stale or torn
+            // record at this place cannot match).
+            let (buf, r) = self
+                .engine
+                .read(0, off + ALIGN as u64, self.take_payload_buf())
+                .await;
+            if let Err(e) = r {
+                self.give_buf(buf);
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                self.note_io_error(&e, true);
+                return Err(TierError::Io(e));
+            }
+            self.counters.reads.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .bytes_read
+                .fetch_add((l.record_bytes - ALIGN) as u64, Ordering::Relaxed);
+            if blake3::hash(&buf[..meta.len as usize]).as_bytes() != &meta.checksum {
+                let mut st = self.state.lock();
+                let s = &st.slots[id as usize];
+                let same = s.live && s.epoch == epoch;
+                let moved = same
+                    && (st.moving.contains_key(&id)
+                        || l.record_offset(s.seg as usize, s.idx as usize) != off);
+                if moved && attempts < 3 {
+                    drop(st);
+                    self.give_buf(buf);
+                    continue;
+                }
+                self.counters
+                    .checksum_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                if same {
+                    // Forget it; the caller learns from the error and frees its handle.
+                    st.slots[id as usize].owned = false;
+                    st.drop_slot(id);
+                }
+                drop(st);
+                self.give_buf(buf);
+                tracing::debug!(path = %self.path, key = %key, "disk block failed its checksum; dropped");
+                return Err(TierError::Corrupt);
+            }
+            out.copy_from_slice(&buf[..l.block_size]);
+            self.give_buf(buf);
             self.counters.hits.fetch_add(1, Ordering::Relaxed);
+            self.read_meter.record(l.block_size, start.elapsed());
+            if self.state.lock().eio_episode {
+                self.note_io_ok(true);
+            }
             return Ok(());
         }
-        // The payload alone: the index already holds the header's facts, and a payload
-        // whose blake3 matches the recorded checksum is the block's (a stale or torn
-        // record at this place cannot match).
-        let (buf, r) = self
-            .engine
-            .read(0, off + ALIGN as u64, self.take_payload_buf())
-            .await;
-        if let Err(e) = r {
-            self.give_buf(buf);
-            self.counters.misses.fetch_add(1, Ordering::Relaxed);
-            self.note_io_error(&e, true);
-            return Err(TierError::Io(e));
-        }
-        self.counters.reads.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .bytes_read
-            .fetch_add((l.record_bytes - ALIGN) as u64, Ordering::Relaxed);
-        if blake3::hash(&buf[..meta.len as usize]).as_bytes() != &meta.checksum {
-            self.counters
-                .checksum_failures
-                .fetch_add(1, Ordering::Relaxed);
-            self.counters.misses.fetch_add(1, Ordering::Relaxed);
-            let mut st = self.state.lock();
-            if st.slots[id as usize].live && st.slots[id as usize].epoch == epoch {
-                // Forget it; the caller learns from the error and frees its handle.
-                st.slots[id as usize].owned = false;
-                st.drop_slot(id);
-            }
-            drop(st);
-            self.give_buf(buf);
-            tracing::debug!(path = %self.path, key = %key, "disk block failed its checksum; dropped");
-            return Err(TierError::Corrupt);
-        }
-        out.copy_from_slice(&buf[..l.block_size]);
-        self.give_buf(buf);
-        self.counters.hits.fetch_add(1, Ordering::Relaxed);
-        self.read_meter.record(l.block_size, start.elapsed());
-        if self.state.lock().eio_episode {
-            self.note_io_ok(true);
-        }
-        Ok(())
     }
 }
 
