@@ -283,11 +283,13 @@ async fn compare(dir: &Path, bs: usize, size: u64, rounds: usize) -> anyhow::Res
     for round in 0..rounds {
         for side in [round % 2, 1 - round % 2] {
             if side == 0 {
-                if size - fio_off < size / 2 {
+                if size.saturating_sub(fio_off) < size / 2 {
                     fio_off = 0;
                 }
                 let (bw, moved) = fio_at(&fio_file, "write", bs, fio_off, size - fio_off, Some(1))?;
-                fio_off += moved / bs as u64 * bs as u64;
+                // A timed run wraps inside its region; continue after where it stopped.
+                let region = size - fio_off;
+                fio_off += moved % region / bs as u64 * bs as u64;
                 fw.push(bw);
                 // Random reads of the tier's own file, block-sized at record payload
                 // offsets: the same bytes, of the same age, as the tier reads (this device
