@@ -7,7 +7,7 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use crate::io::{AlignedBuf, IoEngine, IoFuture};
+use crate::io::{AlignedBuf, IoEngine, IoFuture, OnDone};
 
 /// Switches shared between a test and the engine.
 #[derive(Debug, Default)]
@@ -56,10 +56,13 @@ impl IoEngine for FaultyEngine {
             e => fail(buf, e),
         }
     }
-    fn write(&self, file: usize, offset: u64, buf: AlignedBuf) -> IoFuture {
+    fn write_then(&self, file: usize, offset: u64, buf: AlignedBuf, on_done: OnDone) -> IoFuture {
         match self.faults.write_errno.load(Ordering::SeqCst) {
-            0 => self.inner.write(file, offset, buf),
-            e => fail(buf, e),
+            0 => self.inner.write_then(file, offset, buf, on_done),
+            e => {
+                on_done();
+                fail(buf, e)
+            }
         }
     }
     fn in_flight(&self) -> usize {

@@ -99,6 +99,10 @@ pub type IoResult = (AlignedBuf, io::Result<()>);
 /// A future resolving to an [`IoResult`].
 pub type IoFuture = Pin<Box<dyn Future<Output = IoResult> + Send>>;
 
+/// Work the engine runs when a write has finished in the kernel (or is known never to
+/// start), before it answers the requester, and whether or not the requester still waits.
+pub type OnDone = Box<dyn FnOnce() + Send>;
+
 /// Reads and writes whole aligned buffers at file offsets.
 pub trait IoEngine: Send + Sync {
     /// Engine name for logs and metrics.
@@ -106,7 +110,12 @@ pub trait IoEngine: Send + Sync {
     /// Reads `buf.len()` bytes at `offset` of file `file`.
     fn read(&self, file: usize, offset: u64, buf: AlignedBuf) -> IoFuture;
     /// Writes all of `buf` at `offset` of file `file`.
-    fn write(&self, file: usize, offset: u64, buf: AlignedBuf) -> IoFuture;
+    fn write(&self, file: usize, offset: u64, buf: AlignedBuf) -> IoFuture {
+        self.write_then(file, offset, buf, Box::new(|| {}))
+    }
+    /// Like `write`, and runs `on_done` once the write is over in the kernel (also when the
+    /// requester has gone), before the result is sent.
+    fn write_then(&self, file: usize, offset: u64, buf: AlignedBuf, on_done: OnDone) -> IoFuture;
     /// Requests submitted and not yet completed.
     fn in_flight(&self) -> usize;
 }
@@ -135,6 +144,17 @@ struct Request {
     offset: u64,
     buf: AlignedBuf,
     done: oneshot::Sender<IoResult>,
+    on_done: Option<OnDone>,
+}
+
+impl Request {
+    /// Runs `on_done` (the I/O is over), then answers the requester.
+    fn complete(mut self, r: io::Result<()>) {
+        if let Some(f) = self.on_done.take() {
+            f();
+        }
+        let _ = self.done.send((self.buf, r));
+    }
 }
 
 fn wait_for(rx: oneshot::Receiver<IoResult>) -> IoFuture {
@@ -152,6 +172,7 @@ fn wait_for(rx: oneshot::Receiver<IoResult>) -> IoFuture {
 
 /// Hands a request to an engine's queue. On failure (no such file, engine stopped) returns
 /// a ready future that gives the buffer back with the error.
+#[allow(clippy::too_many_arguments)]
 fn enqueue(
     files: &[RawFd],
     tx: Option<&Sender<Request>>,
@@ -160,17 +181,21 @@ fn enqueue(
     file: usize,
     offset: u64,
     buf: AlignedBuf,
+    on_done: Option<OnDone>,
 ) -> Result<oneshot::Receiver<IoResult>, IoFuture> {
     let (done, rx) = oneshot::channel();
+    let fail = |buf: AlignedBuf, on_done: Option<OnDone>, msg: &'static str| -> IoFuture {
+        // Nothing reached the kernel: the write is over before it started.
+        if let Some(f) = on_done {
+            f();
+        }
+        Box::pin(async move { (buf, Err(io::Error::other(msg))) })
+    };
     let Some(&fd) = files.get(file) else {
-        return Err(Box::pin(async move {
-            (buf, Err(io::Error::other("no such file")))
-        }));
+        return Err(fail(buf, on_done, "no such file"));
     };
     let Some(tx) = tx else {
-        return Err(Box::pin(async move {
-            (buf, Err(io::Error::other("I/O engine stopped")))
-        }));
+        return Err(fail(buf, on_done, "I/O engine stopped"));
     };
     in_flight.fetch_add(1, Ordering::AcqRel);
     let req = Request {
@@ -179,13 +204,13 @@ fn enqueue(
         offset,
         buf,
         done,
+        on_done,
     };
     if let Err(e) = tx.send(req) {
         in_flight.fetch_sub(1, Ordering::AcqRel);
-        let r = e.into_inner();
-        return Err(Box::pin(async move {
-            (r.buf, Err(io::Error::other("I/O engine stopped")))
-        }));
+        let mut r = e.into_inner();
+        let on_done = r.on_done.take();
+        return Err(fail(r.buf, on_done, "I/O engine stopped"));
     }
     Ok(rx)
 }
@@ -244,7 +269,7 @@ impl PsyncEngine {
                         while let Ok(mut r) = rx.recv() {
                             let res = full_io(r.op, r.fd, r.offset, &mut r.buf);
                             in_flight.fetch_sub(1, Ordering::AcqRel);
-                            let _ = r.done.send((r.buf, res));
+                            r.complete(res);
                         }
                     })
                     .expect("spawn psync worker")
@@ -258,7 +283,14 @@ impl PsyncEngine {
         }
     }
 
-    fn submit(&self, op: Op, file: usize, offset: u64, buf: AlignedBuf) -> IoFuture {
+    fn submit(
+        &self,
+        op: Op,
+        file: usize,
+        offset: u64,
+        buf: AlignedBuf,
+        on_done: Option<OnDone>,
+    ) -> IoFuture {
         match enqueue(
             &self.files,
             self.tx.as_ref(),
@@ -267,6 +299,7 @@ impl PsyncEngine {
             file,
             offset,
             buf,
+            on_done,
         ) {
             Ok(rx) => wait_for(rx),
             Err(failed) => failed,
@@ -279,10 +312,10 @@ impl IoEngine for PsyncEngine {
         "psync"
     }
     fn read(&self, file: usize, offset: u64, buf: AlignedBuf) -> IoFuture {
-        self.submit(Op::Read, file, offset, buf)
+        self.submit(Op::Read, file, offset, buf, None)
     }
-    fn write(&self, file: usize, offset: u64, buf: AlignedBuf) -> IoFuture {
-        self.submit(Op::Write, file, offset, buf)
+    fn write_then(&self, file: usize, offset: u64, buf: AlignedBuf, on_done: OnDone) -> IoFuture {
+        self.submit(Op::Write, file, offset, buf, Some(on_done))
     }
     fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
@@ -366,7 +399,14 @@ impl UringEngine {
         unsafe { libc::write(self.doorbell.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
-    fn submit(&self, op: Op, file: usize, offset: u64, buf: AlignedBuf) -> IoFuture {
+    fn submit(
+        &self,
+        op: Op,
+        file: usize,
+        offset: u64,
+        buf: AlignedBuf,
+        on_done: Option<OnDone>,
+    ) -> IoFuture {
         let rx = match enqueue(
             &self.files,
             self.tx.as_ref(),
@@ -375,6 +415,7 @@ impl UringEngine {
             file,
             offset,
             buf,
+            on_done,
         ) {
             Ok(rx) => rx,
             Err(failed) => return failed,
@@ -486,8 +527,12 @@ fn uring_loop(
                 tracing::error!(error = %e, "io_uring failed; the disk tier's I/O stops");
                 for (_, r) in pending.drain() {
                     in_flight.fetch_sub(1, Ordering::AcqRel);
-                    let Request { buf, done, .. } = r;
+                    // Its `on_done` is not run either: the write may still land.
+                    let Request {
+                        buf, done, on_done, ..
+                    } = r;
                     std::mem::forget(buf);
+                    std::mem::forget(on_done);
                     let _ = done.send((
                         AlignedBuf::new(1, 1),
                         Err(io::Error::new(e.kind(), e.to_string())),
@@ -495,9 +540,7 @@ fn uring_loop(
                 }
                 for r in backlog.drain(..) {
                     in_flight.fetch_sub(1, Ordering::AcqRel);
-                    let _ = r
-                        .done
-                        .send((r.buf, Err(io::Error::other("I/O engine stopped"))));
+                    r.complete(Err(io::Error::other("I/O engine stopped")));
                 }
                 std::mem::forget(ring);
                 std::mem::forget(bell_buf);
@@ -526,7 +569,7 @@ fn uring_loop(
                 Ok(())
             };
             in_flight.fetch_sub(1, Ordering::AcqRel);
-            let _ = r.done.send((r.buf, out));
+            r.complete(out);
         }
     }
     // The doorbell read may still be armed; the ring is dropped (and its requests
@@ -552,10 +595,10 @@ impl IoEngine for UringEngine {
         "io_uring"
     }
     fn read(&self, file: usize, offset: u64, buf: AlignedBuf) -> IoFuture {
-        self.submit(Op::Read, file, offset, buf)
+        self.submit(Op::Read, file, offset, buf, None)
     }
-    fn write(&self, file: usize, offset: u64, buf: AlignedBuf) -> IoFuture {
-        self.submit(Op::Write, file, offset, buf)
+    fn write_then(&self, file: usize, offset: u64, buf: AlignedBuf, on_done: OnDone) -> IoFuture {
+        self.submit(Op::Write, file, offset, buf, Some(on_done))
     }
     fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)

@@ -210,8 +210,11 @@ struct Segment {
     epoch: u64,
     next: usize,
     records: Vec<u32>,
-    /// Writes in flight into the segment (records, and its summary).
+    /// Records allocated in the segment and not yet recorded in memory (or abandoned).
     writing: usize,
+    /// Writes to the segment (records, summary) not yet over in the kernel; counted down
+    /// by the engine, also for writes whose caller has gone.
+    io: usize,
     /// Takes no more records; its last writer writes the summary.
     full: bool,
     /// The summary has been (or is being) written.
@@ -246,9 +249,9 @@ pub struct DiskTier {
     engine: Arc<dyn IoEngine>,
     _file: File,
     path: String,
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
     rotation: tokio::sync::Mutex<()>,
-    writes_done: tokio::sync::Notify,
+    writes_done: Arc<tokio::sync::Notify>,
     counters: Counters,
     dropped_flag: AtomicBool,
     admission_hits: u32,
@@ -337,15 +340,17 @@ impl State {
     }
 }
 
-/// Decrements a segment's in-flight write count, also when the write is cancelled.
+/// A record slot taken by `allocate`: ends when the write is recorded in memory
+/// ([`WriteSlot::finish`]) or abandoned (dropped, e.g. a cancelled caller). A segment is
+/// sealed only when none is open, so its summary lists every record written to it.
 struct WriteSlot<'a> {
     tier: &'a DiskTier,
     seg: usize,
 }
 
 impl WriteSlot<'_> {
-    /// Ends the write. Returns whether the caller, as the segment's last writer, must now
-    /// write the segment's summary (the claim is taken: nobody else will).
+    /// Ends the slot. Returns whether the caller, as the full segment's last writer, must
+    /// now write the segment's summary (the claim is taken: nobody else will).
     fn finish(self) -> bool {
         let seal = {
             let mut st = self.tier.state.lock();
@@ -354,11 +359,8 @@ impl WriteSlot<'_> {
             let seal = seg.writing == 0 && seg.full && !seg.sealed;
             if seal {
                 seg.sealed = true;
-                // The summary write counts as a write of the segment, so the segment is
-                // not reclaimed under it.
-                seg.writing += 1;
             }
-            if seg.writing == 0 {
+            if seg.writing == 0 && seg.io == 0 {
                 self.tier.writes_done.notify_waiters();
             }
             seal
@@ -369,11 +371,12 @@ impl WriteSlot<'_> {
 }
 
 impl Drop for WriteSlot<'_> {
-    /// A cancelled write: the summary is left to recovery's header scan.
+    /// An abandoned write: the summary is left to recovery's header scan.
     fn drop(&mut self) {
         let mut st = self.tier.state.lock();
-        st.segs[self.seg].writing -= 1;
-        if st.segs[self.seg].writing == 0 {
+        let seg = &mut st.segs[self.seg];
+        seg.writing -= 1;
+        if seg.writing == 0 && seg.io == 0 {
             self.tier.writes_done.notify_waiters();
         }
     }
@@ -456,7 +459,7 @@ impl DiskTier {
             engine,
             _file: file,
             path: path.clone(),
-            state: Mutex::new(State {
+            state: Arc::new(Mutex::new(State {
                 slots: Vec::new(),
                 free_slots: std::collections::VecDeque::new(),
                 by_key: HashMap::new(),
@@ -466,6 +469,7 @@ impl DiskTier {
                         next: 0,
                         records: vec![NONE; layout.blocks_per_segment],
                         writing: 0,
+                        io: 0,
                         full: false,
                         sealed: false,
                         wiped: true,
@@ -480,9 +484,9 @@ impl DiskTier {
                 enospc_episode: false,
                 eio_episode: false,
                 live: 0,
-            }),
+            })),
             rotation: tokio::sync::Mutex::new(()),
-            writes_done: tokio::sync::Notify::new(),
+            writes_done: Arc::new(tokio::sync::Notify::new()),
             counters: Counters::default(),
             dropped_flag: AtomicBool::new(false),
             admission_hits: cfg.admission_hits,
@@ -771,27 +775,22 @@ impl DiskTier {
         let l = self.layout;
         let next = (seg + 1) % l.segments;
         {
-            let mut st = self.state.lock();
+            let st = self.state.lock();
             if next == st.open || next == seg {
                 return;
             }
-            let n = &mut st.segs[next];
-            if n.wiped || n.writing > 0 {
+            let n = &st.segs[next];
+            if n.wiped || n.writing > 0 || n.io > 0 {
                 return;
             }
-            // Counted as a write, so a rotation into it waits for the wipe.
-            n.writing += 1;
         }
-        let guard = WriteSlot {
-            tier: self,
-            seg: next,
-        };
         let (_, r) = self
             .engine
-            .write(
+            .write_then(
                 0,
                 l.summary_offset(next),
                 AlignedBuf::new(l.summary_bytes, ALIGN),
+                self.seg_io(next),
             )
             .await;
         match r {
@@ -803,7 +802,6 @@ impl DiskTier {
             }
             Err(e) => self.note_io_error(&e, false),
         }
-        drop(guard);
     }
 
     /// Seals the open segment and reclaims the next one (caller holds `rotation`).
@@ -819,7 +817,6 @@ impl DiskTier {
             let idle = seg.writing == 0 && !seg.sealed;
             if idle {
                 seg.sealed = true;
-                seg.writing += 1;
             }
             idle
         };
@@ -831,7 +828,11 @@ impl DiskTier {
         let next = (old + 1) % l.segments;
         loop {
             let notified = self.writes_done.notified();
-            if self.state.lock().segs[next].writing == 0 {
+            let idle = {
+                let st = self.state.lock();
+                st.segs[next].writing == 0 && st.segs[next].io == 0
+            };
+            if idle {
                 break;
             }
             notified.await;
@@ -950,32 +951,8 @@ impl DiskTier {
             seg.full = false;
             seg.sealed = false;
             seg.wiped = true;
-            seg.writing += moving.len();
             seg.records.iter_mut().for_each(|r| *r = NONE);
             (epoch, base_seq)
-        };
-        // Releases the reserved write counts that are still outstanding if this future is
-        // dropped midway, so the segment never waits forever.
-        struct Outstanding<'a> {
-            tier: &'a DiskTier,
-            seg: usize,
-            left: usize,
-        }
-        impl Drop for Outstanding<'_> {
-            fn drop(&mut self) {
-                if self.left > 0 {
-                    let mut st = self.tier.state.lock();
-                    st.segs[self.seg].writing -= self.left;
-                    if st.segs[self.seg].writing == 0 {
-                        self.tier.writes_done.notify_waiters();
-                    }
-                }
-            }
-        }
-        let mut outstanding = Outstanding {
-            tier: self,
-            seg: next,
-            left: moving.len(),
         };
         let mut writes = Vec::with_capacity(moving.len());
         for (i, (_, _, buf)) in moving.iter().enumerate() {
@@ -986,7 +963,10 @@ impl DiskTier {
                     meta.epoch = sgen;
                     meta.seq = base_seq + i as u64;
                     format::encode_header(&meta, &self.store_id, &mut rec);
-                    Some((meta, self.engine.write(0, l.record_offset(next, i), rec)))
+                    let f =
+                        self.engine
+                            .write_then(0, l.record_offset(next, i), rec, self.seg_io(next));
+                    Some((meta, f))
                 }
                 None => None,
             };
@@ -999,8 +979,6 @@ impl DiskTier {
             };
             let failed = {
                 let mut st = self.state.lock();
-                st.segs[next].writing -= 1;
-                outstanding.left -= 1;
                 st.moving.remove(&id);
                 let alive = st.slots[id as usize].live && st.slots[id as usize].epoch == epoch;
                 match r {
@@ -1034,18 +1012,27 @@ impl DiskTier {
             }
         }
         // 5. Publish it.
-        {
-            let mut st = self.state.lock();
-            if st.segs[next].writing == 0 {
-                self.writes_done.notify_waiters();
-            }
-            st.open = next;
-        }
+        self.state.lock().open = next;
         Ok(())
     }
 
-    /// Writes segment `seg`'s summary. The caller holds the segment's seal claim and one
-    /// `writing` count, which this releases.
+    /// Counts a write to segment `seg` as in flight and returns what the engine runs when
+    /// it is over in the kernel. A segment is reused only when none is in flight, so a
+    /// write whose caller has gone cannot land in the segment's next life.
+    fn seg_io(&self, seg: usize) -> io::OnDone {
+        self.state.lock().segs[seg].io += 1;
+        let (state, notify) = (self.state.clone(), self.writes_done.clone());
+        Box::new(move || {
+            let mut st = state.lock();
+            let s = &mut st.segs[seg];
+            s.io -= 1;
+            if s.writing == 0 && s.io == 0 {
+                notify.notify_waiters();
+            }
+        })
+    }
+
+    /// Writes segment `seg`'s summary. The caller holds the segment's seal claim.
     async fn write_summary(&self, seg: usize) {
         let l = self.layout;
         let (epoch, entries) = {
@@ -1063,8 +1050,10 @@ impl DiskTier {
         };
         let mut sum = AlignedBuf::new(l.summary_bytes, ALIGN);
         format::encode_summary(epoch, &entries, &self.store_id, &mut sum);
-        let guard = WriteSlot { tier: self, seg };
-        let (_, r) = self.engine.write(0, l.summary_offset(seg), sum).await;
+        let (_, r) = self
+            .engine
+            .write_then(0, l.summary_offset(seg), sum, self.seg_io(seg))
+            .await;
         match r {
             Ok(()) => {
                 self.counters
@@ -1074,7 +1063,6 @@ impl DiskTier {
             // Recovery scans the headers of a segment without a summary.
             Err(e) => self.note_io_error(&e, false),
         }
-        drop(guard);
     }
 
     fn take_buf(&self) -> AlignedBuf {
@@ -1160,7 +1148,10 @@ impl DiskTier {
             checksum,
         };
         format::encode_header(&rm, &self.store_id, &mut rec);
-        let (rec, r) = self.engine.write(0, l.record_offset(seg, idx), rec).await;
+        let (rec, r) = self
+            .engine
+            .write_then(0, l.record_offset(seg, idx), rec, self.seg_io(seg))
+            .await;
         self.give_buf(rec);
         match r {
             Ok(()) => {
