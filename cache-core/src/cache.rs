@@ -337,6 +337,24 @@ impl State {
         }
     }
 
+    /// Records a use of `p` in the policy of every tier that holds it.
+    fn touch_policies(&mut self, p: PageId) {
+        let resident = self.index.page(p).resident;
+        for (t, policy) in self.policies.iter_mut().enumerate() {
+            if resident >> t & 1 == 1 {
+                policy.touch(p);
+            }
+        }
+    }
+
+    /// Whether `ns` names a namespace registered with this cache.
+    fn check_ns(&self, ns: &NamespaceHandle) -> Result<(), CacheError> {
+        match self.namespaces.get(&ns.root_key) {
+            Some(h) if h.root == ns.root => Ok(()),
+            _ => Err(CacheError::UnknownNamespace(ns.root_key.to_hex())),
+        }
+    }
+
     fn make_resident(&mut self, p: PageId, t: TierId, h: BlockHandle) {
         self.emit(EventKind::Stored, p, t);
         self.tier_refs[t.0 as usize].set_tag(h, u64::from(p.0));
@@ -601,11 +619,7 @@ impl TieredCache {
     }
 
     fn check_handle(&self, ns: &NamespaceHandle) -> Result<(), CacheError> {
-        let st = self.inner.state.read();
-        match st.namespaces.get(&ns.root_key) {
-            Some(h) if h.root == ns.root => Ok(()),
-            _ => Err(CacheError::UnknownNamespace(ns.root_key.to_hex())),
-        }
+        self.inner.state.read().check_ns(ns)
     }
 
     fn check_tokens(&self, tokens: &[u32], whole: bool) -> Result<(), CacheError> {
@@ -735,10 +749,7 @@ impl TieredCache {
         }
         let m = {
             let st = self.inner.state.read();
-            match st.namespaces.get(&ns.root_key) {
-                Some(h) if h.root == ns.root => {}
-                _ => return Err(CacheError::UnknownNamespace(ns.root_key.to_hex())),
-            }
+            st.check_ns(ns)?;
             st.index.match_prefix(ns.root, tokens)
         };
         let requested = tokens.len() / self.inner.config.page_size as usize;
@@ -818,9 +829,7 @@ impl TieredCache {
             let m = st.index.match_prefix(ns.root, tokens);
             let path = st.index.path(m.end);
             for &p in path.iter().rev() {
-                for tier in 0..self.inner.tiers.len() {
-                    st.policies[tier].touch(p);
-                }
+                st.touch_policies(p);
             }
             let last = path.last().copied();
             if let Some(p) = last {
@@ -962,12 +971,7 @@ impl TieredCache {
             // deepest first, so ancestors are again at least as recent as descendants.
             let m = st.index.match_prefix(ns.root, &tokens[..done * ps]);
             for p in st.index.path(m.end).into_iter().rev() {
-                let resident = st.index.page(p).resident;
-                for tier in 0..self.inner.tiers.len() {
-                    if resident >> tier & 1 == 1 {
-                        st.policies[tier].touch(p);
-                    }
-                }
+                st.touch_policies(p);
             }
         }
         drop(tail);
@@ -1246,12 +1250,8 @@ impl TieredCache {
         for &p in pages.iter().rev() {
             st.pin_page(p);
             let hits = if hit { st.index.touch(p, now) } else { 0 };
+            st.touch_policies(p);
             let resident = st.index.page(p).resident;
-            for t in 0..self.inner.tiers.len() {
-                if resident >> t & 1 == 1 {
-                    st.policies[t].touch(p);
-                }
-            }
             // At or past the threshold and not yet on the last tier: copy down, unless a
             // copy is already on its way or that tier declined the page.
             if threshold.is_some_and(|th| hit && hits >= th)

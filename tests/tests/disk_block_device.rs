@@ -42,6 +42,25 @@ impl Drop for Loop {
     }
 }
 
+/// Copies 4 KiB from `source` over the start of `dev`, bypassing the page cache.
+fn overwrite_first_block(dev: &str, source: &str) {
+    let out = Command::new("dd")
+        .args([
+            &format!("if={source}"),
+            &format!("of={dev}"),
+            "bs=4096",
+            "count=1",
+            "oflag=direct",
+        ])
+        .output()
+        .expect("this test needs `dd` (coreutils)");
+    assert!(
+        out.status.success(),
+        "dd failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn a_raw_block_device_works_and_survives_restart() {
     let cap = CRASH_CAPACITY;
@@ -56,16 +75,7 @@ fn a_raw_block_device_works_and_survives_restart() {
         c
     };
     // Foreign data at the start of the device is refused, not overwritten.
-    Command::new("dd")
-        .args([
-            "if=/dev/urandom",
-            &format!("of={}", dev.dev),
-            "bs=4096",
-            "count=1",
-            "oflag=direct",
-        ])
-        .output()
-        .unwrap();
+    overwrite_first_block(&dev.dev, "/dev/urandom");
     rt.block_on(async {
         assert!(
             DiskTier::open(cfg()).await.is_err(),
@@ -73,16 +83,7 @@ fn a_raw_block_device_works_and_survives_restart() {
         );
     });
     // Zeroed, as an operator preparing it would: it is formatted and used.
-    Command::new("dd")
-        .args([
-            "if=/dev/zero",
-            &format!("of={}", dev.dev),
-            "bs=4096",
-            "count=1",
-            "oflag=direct",
-        ])
-        .output()
-        .unwrap();
+    overwrite_first_block(&dev.dev, "/dev/zero");
     rt.block_on(async {
         let t = DiskTier::open(cfg()).await.unwrap();
         for i in 0..100 {
