@@ -1,0 +1,227 @@
+//! Causal grouped-query attention over a paged KV cache.
+
+use rayon::prelude::*;
+
+use crate::dot::{axpy, dot_f32};
+use crate::{KernelError, SharedOut};
+
+/// The shape attention works on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (divides `n_heads`; each serves `n_heads / n_kv_heads` query heads).
+    pub n_kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+    /// Tokens per page.
+    pub page_size: usize,
+}
+
+impl AttnShape {
+    /// Floats of one layer's part of one page: `[k|v][token][kv_head][head_dim]`.
+    pub fn layer_page_floats(&self) -> usize {
+        2 * self.page_size * self.n_kv_heads * self.head_dim
+    }
+
+    fn check(&self) -> Result<(), KernelError> {
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || self.head_dim == 0
+            || self.page_size == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
+            return Err(KernelError::Shape(format!("bad attention shape {self:?}")));
+        }
+        Ok(())
+    }
+}
+
+/// Attention of `n` query tokens at positions `start..start + n` over the cached positions
+/// `0..start + n` (the new tokens' K/V must already be written into the pages).
+///
+/// - `q`: `n × n_heads × head_dim`, RoPE applied;
+/// - `pages[p]`: layer slice of page `p` ([`AttnShape::layer_page_floats`] floats), covering
+///   positions `p·page_size..(p+1)·page_size`;
+/// - `out`: `n × n_heads × head_dim`.
+///
+/// Query token `i` sees positions `0..=start + i` (causal). Scores are scaled by
+/// `1/√head_dim`.
+pub fn paged_attention(
+    shape: AttnShape,
+    q: &[f32],
+    n: usize,
+    start: usize,
+    pages: &[&[f32]],
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    shape.check()?;
+    let AttnShape {
+        n_heads,
+        n_kv_heads,
+        head_dim: hd,
+        page_size,
+    } = shape;
+    let row = n_heads * hd;
+    let ctx = start + n;
+    if q.len() != n * row || out.len() != n * row {
+        return Err(KernelError::Shape(format!(
+            "attention: q/out must be {n} × {row}"
+        )));
+    }
+    if pages.len() * page_size < ctx || pages.iter().any(|p| p.len() != shape.layer_page_floats()) {
+        return Err(KernelError::Shape(format!(
+            "attention: {} pages of {page_size} do not cover {ctx} positions (or a page has the wrong size)",
+            pages.len()
+        )));
+    }
+    let group = n_heads / n_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let simd = crate::simd();
+    let v_off = page_size * n_kv_heads * hd;
+    let at = |t: usize, kvh: usize, v: bool| -> &[f32] {
+        let p = pages[t / page_size];
+        let o = (t % page_size * n_kv_heads + kvh) * hd + if v { v_off } else { 0 };
+        &p[o..o + hd]
+    };
+    let dst = SharedOut(out.as_mut_ptr());
+    (0..n * n_kv_heads).into_par_iter().for_each(|job| {
+        let (i, kvh) = (job / n_kv_heads, job % n_kv_heads);
+        let seen = start + i + 1;
+        let mut scores = vec![0f32; group * seen];
+        for t in 0..seen {
+            let k = at(t, kvh, false);
+            for g in 0..group {
+                let h = kvh * group + g;
+                let qh = &q[i * row + h * hd..i * row + (h + 1) * hd];
+                scores[g * seen + t] = dot_f32(qh, k, simd) * scale;
+            }
+        }
+        let mut acc = vec![0f32; group * hd];
+        for g in 0..group {
+            crate::ops::softmax(&mut scores[g * seen..(g + 1) * seen]);
+        }
+        for t in 0..seen {
+            let v = at(t, kvh, true);
+            for g in 0..group {
+                axpy(
+                    scores[g * seen + t],
+                    v,
+                    &mut acc[g * hd..(g + 1) * hd],
+                    simd,
+                );
+            }
+        }
+        for g in 0..group {
+            let h = kvh * group + g;
+            for (d, val) in acc[g * hd..(g + 1) * hd].iter().enumerate() {
+                // SAFETY: job (i, kvh) alone writes heads kvh*group..(kvh+1)*group of token i;
+                // the index is inside the n × row output, alive for the parallel section.
+                unsafe { dst.write(i * row + h * hd + d, *val) };
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::needless_range_loop)]
+mod tests {
+    use super::*;
+    use crate::testutil::randv;
+
+    /// Dense causal GQA in f64 over contiguous K/V (`ctx × n_kv × hd`).
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+        start: usize,
+        nh: usize,
+        nkv: usize,
+        hd: usize,
+    ) -> Vec<f64> {
+        let mut out = vec![0f64; n * nh * hd];
+        for i in 0..n {
+            for h in 0..nh {
+                let kvh = h / (nh / nkv);
+                let seen = start + i + 1;
+                let s: Vec<f64> = (0..seen)
+                    .map(|t| {
+                        (0..hd)
+                            .map(|d| {
+                                f64::from(q[(i * nh + h) * hd + d])
+                                    * f64::from(k[(t * nkv + kvh) * hd + d])
+                            })
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let m = s.iter().copied().fold(f64::MIN, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                for t in 0..seen {
+                    let p = (s[t] - m).exp() / z;
+                    for d in 0..hd {
+                        out[(i * nh + h) * hd + d] += p * f64::from(v[(t * nkv + kvh) * hd + d]);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn paged_attention_matches_dense_causal_gqa() {
+        let (nh, nkv, hd, ps) = (6, 2, 16, 8);
+        let shape = AttnShape {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            page_size: ps,
+        };
+        for (start, n) in [(0usize, 1usize), (0, 13), (21, 1), (5, 19)] {
+            let ctx = start + n;
+            let k = randv(1 + ctx as u64, ctx * nkv * hd, 1.0);
+            let v = randv(2 + ctx as u64, ctx * nkv * hd, 1.0);
+            let q = randv(3 + ctx as u64, n * nh * hd, 2.0);
+            // Scatter K/V into pages, in a shuffled page order to prove pages are looked up.
+            let npages = ctx.div_ceil(ps);
+            let mut store: Vec<Vec<f32>> = vec![randv(9, shape.layer_page_floats(), 1.0); npages];
+            for t in 0..ctx {
+                let p = &mut store[t / ps];
+                for kvh in 0..nkv {
+                    let src = (t * nkv + kvh) * hd;
+                    let dk = (t % ps * nkv + kvh) * hd;
+                    p[dk..dk + hd].copy_from_slice(&k[src..src + hd]);
+                    let dv = ps * nkv * hd + dk;
+                    p[dv..dv + hd].copy_from_slice(&v[src..src + hd]);
+                }
+            }
+            let pages: Vec<&[f32]> = store.iter().map(|p| p.as_slice()).collect();
+            let mut out = vec![0f32; n * nh * hd];
+            paged_attention(shape, &q, n, start, &pages, &mut out).unwrap();
+            let want = reference(&q, &k, &v, n, start, nh, nkv, hd);
+            for (g, w) in out.iter().zip(&want) {
+                assert!(
+                    (f64::from(*g) - w).abs() < 1e-4,
+                    "start {start} n {n}: {g} vs {w}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn too_few_pages_is_an_error() {
+        let shape = AttnShape {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+            page_size: 4,
+        };
+        let page = vec![0.5f32; shape.layer_page_floats()];
+        let mut out = vec![0f32; 2 * 8];
+        assert!(paged_attention(shape, &[1.0; 16], 2, 3, &[&page], &mut out).is_err());
+        assert!(paged_attention(shape, &[1.0; 16], 2, 2, &[&page], &mut out).is_ok());
+    }
+}

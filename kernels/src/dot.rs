@@ -1,0 +1,430 @@
+//! Row dot products: a weight row in its encoding against activations, portable and AVX2.
+//!
+//! Quantized rows are multiplied with [`Q8Act`] blocks: per block an integer dot product
+//! `Σ q_w·q_a`, scaled by `d_w·d_a`, plus the encoding's offset term through `s_a = d_a·Σq_a`
+//! (Q4_1: `m_w·s_a`; Q4_0: `−8·d_w·s_a`). The AVX2 path computes exactly the same sums
+//! (integer products are exact), so the two paths differ only in float summation order.
+
+use crate::quant::{DType, Q8Act, QK, bf16_at, f16_at, f32_at};
+
+/// A quantized row against `N` activation rows at once (N = 1 or 4).
+pub(crate) type QDotFn<const N: usize> = fn(&[u8], [&[Q8Act]; N]) -> [f32; N];
+/// A float-encoded row against float activations.
+pub(crate) type FDotFn = fn(&[u8], &[f32]) -> f32;
+
+/// Picks the quantized dot product for `ty` on this CPU.
+pub(crate) fn qdot<const N: usize>(ty: DType, simd: crate::Simd) -> QDotFn<N> {
+    #[cfg(target_arch = "x86_64")]
+    if simd == crate::Simd::Avx2 {
+        return match ty {
+            DType::Q8_0 => avx2::q8_0::<N>,
+            DType::Q4_0 => avx2::q4::<N, false>,
+            _ => avx2::q4::<N, true>,
+        };
+    }
+    let _ = simd;
+    match ty {
+        DType::Q8_0 => scalar_q8_0::<N>,
+        DType::Q4_0 => scalar_q4::<N, false>,
+        _ => scalar_q4::<N, true>,
+    }
+}
+
+/// Picks the float dot product for `ty` on this CPU.
+pub(crate) fn fdot(ty: DType, simd: crate::Simd) -> FDotFn {
+    #[cfg(target_arch = "x86_64")]
+    if simd == crate::Simd::Avx2 {
+        return match ty {
+            DType::F32 => avx2::f32_row,
+            DType::F16 => avx2::f16_row,
+            _ => avx2::bf16_row,
+        };
+    }
+    let _ = simd;
+    match ty {
+        DType::F32 => |w, x| scalar_f(w, x, 4, f32_at),
+        DType::F16 => |w, x| scalar_f(w, x, 2, f16_at),
+        _ => |w, x| scalar_f(w, x, 2, bf16_at),
+    }
+}
+
+fn scalar_f(w: &[u8], x: &[f32], width: usize, at: fn(&[u8], usize) -> f32) -> f32 {
+    assert!(w.len() >= x.len() * width);
+    x.iter()
+        .enumerate()
+        .map(|(i, v)| at(w, width * i) * v)
+        .sum()
+}
+
+fn scalar_q8_0<const N: usize>(w: &[u8], a: [&[Q8Act]; N]) -> [f32; N] {
+    let nb = a[0].len();
+    assert!(w.len() >= nb * 34 && a.iter().all(|r| r.len() == nb));
+    let mut out = [0f32; N];
+    for b in 0..nb {
+        let blk = &w[b * 34..b * 34 + 34];
+        let d = f16_at(blk, 0);
+        for (o, r) in out.iter_mut().zip(a) {
+            let isum: i32 = (0..QK)
+                .map(|j| i32::from(blk[2 + j] as i8) * i32::from(r[b].qs[j]))
+                .sum();
+            *o += d * r[b].d * isum as f32;
+        }
+    }
+    out
+}
+
+/// Q4_1 (`MIN = true`) or Q4_0 (`MIN = false`).
+fn scalar_q4<const N: usize, const MIN: bool>(w: &[u8], a: [&[Q8Act]; N]) -> [f32; N] {
+    let (hdr, bb) = if MIN { (4, 20) } else { (2, 18) };
+    let nb = a[0].len();
+    assert!(w.len() >= nb * bb && a.iter().all(|r| r.len() == nb));
+    let mut out = [0f32; N];
+    for b in 0..nb {
+        let blk = &w[b * bb..b * bb + bb];
+        let d = f16_at(blk, 0);
+        let m = if MIN { f16_at(blk, 2) } else { -8.0 * d };
+        for (o, r) in out.iter_mut().zip(a) {
+            let mut isum = 0i32;
+            for j in 0..16 {
+                let q = blk[hdr + j];
+                isum += i32::from(q & 0x0F) * i32::from(r[b].qs[j]);
+                isum += i32::from(q >> 4) * i32::from(r[b].qs[j + 16]);
+            }
+            *o += d * r[b].d * isum as f32 + m * r[b].s;
+        }
+    }
+    out
+}
+
+/// Plain f32 dot product (AVX2 when available).
+pub(crate) fn dot_f32(a: &[f32], b: &[f32], simd: crate::Simd) -> f32 {
+    assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd == crate::Simd::Avx2 {
+        // SAFETY: simd() reported AVX2+FMA on this CPU; lengths are equal (asserted).
+        return unsafe { avx2::dot_f32(a, b) };
+    }
+    let _ = simd;
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `y += alpha·x` (AVX2 when available).
+pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32], simd: crate::Simd) {
+    assert_eq!(x.len(), y.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd == crate::Simd::Avx2 {
+        // SAFETY: simd() reported AVX2+FMA on this CPU; lengths are equal (asserted).
+        unsafe { avx2::axpy(alpha, x, y) };
+        return;
+    }
+    let _ = simd;
+    y.iter_mut().zip(x).for_each(|(o, v)| *o += alpha * v);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // blocks index the weight row and every activation row
+mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps::<1>(v);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn h2f(bits: u16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    }
+
+    pub(super) fn q4<const N: usize, const MIN: bool>(w: &[u8], a: [&[Q8Act]; N]) -> [f32; N] {
+        let bb = if MIN { 20 } else { 18 };
+        let nb = a[0].len();
+        assert!(w.len() >= nb * bb && a.iter().all(|r| r.len() == nb));
+        // SAFETY: this function is only handed out by qdot() after simd() found AVX2, FMA and
+        // F16C; the asserts above keep every load inside `w` and the activation rows.
+        unsafe { q4_impl::<N, MIN>(w, a) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_impl<const N: usize, const MIN: bool>(w: &[u8], a: [&[Q8Act]; N]) -> [f32; N] {
+        let (hdr, bb) = if MIN { (4, 20) } else { (2, 18) };
+        let nb = a[0].len();
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut off = [0f32; N];
+        for b in 0..nb {
+            // SAFETY: b < nb and w.len() >= nb*bb (checked by the caller): the block is in bounds.
+            let p = unsafe { w.as_ptr().add(b * bb) };
+            // SAFETY: as above, the 2- and 16-byte reads lie inside the block.
+            let (dbits, mbits, q) = unsafe {
+                (
+                    u16::from_le_bytes([*p, *p.add(1)]),
+                    if MIN {
+                        u16::from_le_bytes([*p.add(2), *p.add(3)])
+                    } else {
+                        0
+                    },
+                    _mm_loadu_si128(p.add(hdr) as *const __m128i),
+                )
+            };
+            let d = h2f(dbits);
+            let m = if MIN { h2f(mbits) } else { -8.0 * d };
+            let q4 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), mask);
+            for k in 0..N {
+                let blk = &a[k][b];
+                // SAFETY: qs is 32 bytes.
+                let y = unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) };
+                let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(q4, y), ones);
+                acc[k] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(d * blk.d), _mm256_cvtepi32_ps(p32), acc[k]);
+                off[k] += m * blk.s;
+            }
+        }
+        let mut out = [0f32; N];
+        for k in 0..N {
+            out[k] = hsum(acc[k]) + off[k];
+        }
+        out
+    }
+
+    pub(super) fn q8_0<const N: usize>(w: &[u8], a: [&[Q8Act]; N]) -> [f32; N] {
+        let nb = a[0].len();
+        assert!(w.len() >= nb * 34 && a.iter().all(|r| r.len() == nb));
+        // SAFETY: handed out by qdot() only after simd() found AVX2/FMA/F16C; the assert
+        // keeps all loads in bounds.
+        unsafe { q8_0_impl::<N>(w, a) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_impl<const N: usize>(w: &[u8], a: [&[Q8Act]; N]) -> [f32; N] {
+        let nb = a[0].len();
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); N];
+        for b in 0..nb {
+            // SAFETY: b < nb and w.len() >= nb*34: the 34-byte block is in bounds.
+            let (dbits, x) = unsafe {
+                let p = w.as_ptr().add(b * 34);
+                (
+                    u16::from_le_bytes([*p, *p.add(1)]),
+                    _mm256_loadu_si256(p.add(2) as *const __m256i),
+                )
+            };
+            let d = h2f(dbits);
+            // |x| as unsigned, sign moved onto y (weights and activations are in −127..=127).
+            let ax = _mm256_sign_epi8(x, x);
+            for k in 0..N {
+                let blk = &a[k][b];
+                // SAFETY: qs is 32 bytes.
+                let y = unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) };
+                let sy = _mm256_sign_epi8(y, x);
+                let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
+                acc[k] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(d * blk.d), _mm256_cvtepi32_ps(p32), acc[k]);
+            }
+        }
+        let mut out = [0f32; N];
+        for k in 0..N {
+            out[k] = hsum(acc[k]);
+        }
+        out
+    }
+
+    pub(super) fn f32_row(w: &[u8], x: &[f32]) -> f32 {
+        assert!(w.len() >= x.len() * 4);
+        // SAFETY: handed out by fdot() only with AVX2/FMA present; bounds asserted.
+        unsafe { frow_impl::<0>(w, x) }
+    }
+    pub(super) fn f16_row(w: &[u8], x: &[f32]) -> f32 {
+        assert!(w.len() >= x.len() * 2);
+        // SAFETY: handed out by fdot() only with AVX2/FMA/F16C present; bounds asserted.
+        unsafe { frow_impl::<1>(w, x) }
+    }
+    pub(super) fn bf16_row(w: &[u8], x: &[f32]) -> f32 {
+        assert!(w.len() >= x.len() * 2);
+        // SAFETY: handed out by fdot() only with AVX2/FMA present; bounds asserted.
+        unsafe { frow_impl::<2>(w, x) }
+    }
+
+    /// KIND 0 = f32, 1 = f16, 2 = bf16 weights.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn frow_impl<const KIND: usize>(w: &[u8], x: &[f32]) -> f32 {
+        let n = x.len();
+        let width = if KIND == 0 { 4 } else { 2 };
+        let mut acc0 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n and w holds n elements of `width` bytes.
+            let wv = unsafe {
+                let p = w.as_ptr().add(i * width);
+                match KIND {
+                    0 => _mm256_loadu_ps(p as *const f32),
+                    1 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                    _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                        _mm_loadu_si128(p as *const __m128i),
+                    ))),
+                }
+            };
+            // SAFETY: i + 8 <= n = x.len().
+            let xv = unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
+            acc0 = _mm256_fmadd_ps(wv, xv, acc0);
+            i += 8;
+        }
+        let mut s = hsum(acc0);
+        while i < n {
+            let wv = match KIND {
+                0 => f32_at(w, 4 * i),
+                1 => f16_at(w, 2 * i),
+                _ => bf16_at(w, 2 * i),
+            };
+            s += wv * x[i];
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n and both slices have n elements (caller's contract).
+            acc = unsafe {
+                _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i)),
+                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    acc,
+                )
+            };
+            i += 8;
+        }
+        let mut s = hsum(acc);
+        while i < n {
+            s += a[i] * b[i];
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len();
+        let av = _mm256_set1_ps(alpha);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n and both slices have n elements (caller's contract).
+            unsafe {
+                let yp = y.as_mut_ptr().add(i);
+                _mm256_storeu_ps(
+                    yp,
+                    _mm256_fmadd_ps(av, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(yp)),
+                );
+            }
+            i += 8;
+        }
+        while i < n {
+            y[i] += alpha * x[i];
+            i += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::needless_range_loop)]
+mod tests {
+    use super::*;
+    use crate::Simd;
+    use crate::quant::{dequantize_row, quantize_q8, quantize_row};
+    use crate::testutil::randv;
+
+    /// f64 dot of the dequantized weights with the dequantized activations: what both paths
+    /// must compute, up to float summation order.
+    fn reference(ty: DType, w: &[u8], a: &[Q8Act], cols: usize) -> f64 {
+        let mut wf = vec![0f32; cols];
+        dequantize_row(ty, w, &mut wf);
+        let mut s = 0f64;
+        for (b, blk) in a.iter().enumerate() {
+            for j in 0..QK {
+                s += f64::from(wf[b * QK + j]) * f64::from(blk.d) * f64::from(blk.qs[j]);
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn quantized_dots_match_the_scalar_reference_on_both_paths() {
+        let cols = 32 * 12;
+        for ty in [DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+            for seed in 0..6u64 {
+                let w = quantize_row(ty, &randv(seed, cols, 1.0)).unwrap();
+                let acts: Vec<Vec<Q8Act>> = (0..4)
+                    .map(|k| {
+                        let mut q = vec![Q8Act::default(); cols / QK];
+                        quantize_q8(&randv(100 + seed * 7 + k, cols, 2.0), &mut q);
+                        q
+                    })
+                    .collect();
+                for simd in [Simd::Scalar, crate::simd()] {
+                    let one = qdot::<1>(ty, simd);
+                    let four = qdot::<4>(ty, simd);
+                    let got4 = four(&w, [&acts[0], &acts[1], &acts[2], &acts[3]]);
+                    for k in 0..4 {
+                        let want = reference(ty, &w, &acts[k], cols);
+                        let got1 = one(&w, [&acts[k]])[0];
+                        let tol = 1e-4 * (1.0 + want.abs());
+                        assert!(
+                            (f64::from(got1) - want).abs() < tol,
+                            "{ty:?} {simd:?}: {got1} vs {want}"
+                        );
+                        assert!(
+                            (f64::from(got4[k]) - want).abs() < tol,
+                            "{ty:?} {simd:?} x4: {} vs {want}",
+                            got4[k]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn float_dots_match_the_scalar_reference_on_both_paths() {
+        for cols in [8usize, 61, 576] {
+            let x = randv(5, cols, 1.5);
+            for ty in [DType::F32, DType::F16, DType::Bf16] {
+                let w = quantize_row(ty, &randv(9, cols, 1.0)).unwrap();
+                let mut wf = vec![0f32; cols];
+                dequantize_row(ty, &w, &mut wf);
+                let want: f64 = wf
+                    .iter()
+                    .zip(&x)
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum();
+                for simd in [Simd::Scalar, crate::simd()] {
+                    let got = fdot(ty, simd)(&w, &x);
+                    assert!(
+                        (f64::from(got) - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "{ty:?} {simd:?} {cols}"
+                    );
+                }
+            }
+            let y = randv(6, cols, 1.0);
+            let want: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
+            let mut z = y.clone();
+            axpy(0.5, &x, &mut z, crate::simd());
+            for i in 0..cols {
+                assert!((z[i] - (y[i] + 0.5 * x[i])).abs() < 1e-6);
+            }
+            assert!((dot_f32(&x, &y, crate::simd()) - want).abs() < 1e-3);
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Matrix products of a weight matrix in its file encoding with f32 activations.
+
+use rayon::prelude::*;
+
+use crate::dot::{fdot, qdot};
+use crate::quant::{DType, Q8Act, QK, dequantize_row, quantize_q8};
+use crate::{KernelError, SharedOut};
+
+/// A row-major `rows × cols` weight matrix stored in `ty` (GGUF's and Hugging Face's
+/// `[out_features][in_features]` convention).
+#[derive(Clone, Copy, Debug)]
+pub struct WeightMatrix<'a> {
+    ty: DType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    data: &'a [u8],
+}
+
+impl<'a> WeightMatrix<'a> {
+    /// Checks that `data` holds exactly `rows` rows of `cols` elements of `ty`.
+    pub fn new(ty: DType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, KernelError> {
+        let row_bytes = ty.row_bytes(cols)?;
+        if rows == 0 || data.len() != rows * row_bytes {
+            return Err(KernelError::Shape(format!(
+                "{rows}×{cols} {ty:?} needs {} bytes, got {}",
+                rows * row_bytes,
+                data.len()
+            )));
+        }
+        Ok(WeightMatrix {
+            ty,
+            rows,
+            cols,
+            row_bytes,
+            data,
+        })
+    }
+
+    /// The encoding.
+    pub fn dtype(&self) -> DType {
+        self.ty
+    }
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// The encoded bytes of row `r`.
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+    /// Decodes row `r` into `out` (`cols` floats); an embedding lookup.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        dequantize_row(self.ty, self.row(r), out);
+    }
+}
+
+/// Rows per parallel task: enough tasks to balance the pool, few enough to amortise them.
+fn rows_per_task(rows: usize, n: usize) -> usize {
+    let tasks = (rayon::current_num_threads() * 8).max(1);
+    let per = rows.div_ceil(tasks);
+    // Prefill: bigger row chunks keep a weight chunk hot in L1/L2 across all tokens.
+    let min = if n >= 4 { 16 } else { 8 };
+    per.clamp(min.min(rows), 256)
+}
+
+/// `out[t][r] = Σ_c w[r][c] · x[t][c]` for `n` activation rows `x` (`n × cols`); `out` is
+/// `n × rows`. Runs on the rayon pool.
+pub fn matmul(w: &WeightMatrix<'_>, x: &[f32], n: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), n * w.cols, "matmul: activations are not n × cols");
+    assert_eq!(out.len(), n * w.rows, "matmul: output is not n × rows");
+    let simd = crate::simd();
+    let rows = w.rows;
+    let chunk = rows_per_task(rows, n);
+    let dst = SharedOut(out.as_mut_ptr());
+    if w.ty.is_quantized() {
+        let nb = w.cols / QK;
+        let mut act = vec![Q8Act::default(); n * nb];
+        if n > 1 {
+            act.par_chunks_mut(nb)
+                .zip(x.par_chunks(w.cols))
+                .for_each(|(q, xr)| quantize_q8(xr, q));
+        } else {
+            quantize_q8(x, &mut act);
+        }
+        let dot1 = qdot::<1>(w.ty, simd);
+        let dot4 = qdot::<4>(w.ty, simd);
+        (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(rows));
+            let a = |t: usize| &act[t * nb..(t + 1) * nb];
+            let mut t = 0;
+            while t + 4 <= n {
+                for r in r0..r1 {
+                    let v = dot4(w.row(r), [a(t), a(t + 1), a(t + 2), a(t + 3)]);
+                    for (k, vk) in v.iter().enumerate() {
+                        // SAFETY: this task alone writes column range r0..r1 of `out`
+                        // (n × rows, alive for the whole parallel section); (t+k, r) is inside.
+                        unsafe { dst.write((t + k) * rows + r, *vk) };
+                    }
+                }
+                t += 4;
+            }
+            for t in t..n {
+                for r in r0..r1 {
+                    let v = dot1(w.row(r), [a(t)])[0];
+                    // SAFETY: as above: disjoint columns per task, index in bounds.
+                    unsafe { dst.write(t * rows + r, v) };
+                }
+            }
+        });
+    } else {
+        let dot = fdot(w.ty, simd);
+        let cols = w.cols;
+        (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(rows));
+            for t in 0..n {
+                let xr = &x[t * cols..(t + 1) * cols];
+                for r in r0..r1 {
+                    let v = dot(w.row(r), xr);
+                    // SAFETY: disjoint columns per task, (t, r) inside the n × rows output.
+                    unsafe { dst.write(t * rows + r, v) };
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::needless_range_loop)]
+mod tests {
+    use super::*;
+    use crate::quant::quantize_row;
+    use crate::testutil::randv;
+
+    #[test]
+    fn matmul_matches_a_scalar_reference_for_every_encoding() {
+        let (rows, cols) = (37, 96);
+        for n in [1usize, 3, 4, 9] {
+            let x = randv(11 + n as u64, n * cols, 1.0);
+            for ty in [
+                DType::F32,
+                DType::F16,
+                DType::Bf16,
+                DType::Q8_0,
+                DType::Q4_0,
+                DType::Q4_1,
+            ] {
+                let wf = randv(21, rows * cols, 0.5);
+                let mut data = Vec::new();
+                for r in 0..rows {
+                    data.extend(quantize_row(ty, &wf[r * cols..(r + 1) * cols]).unwrap());
+                }
+                let w = WeightMatrix::new(ty, rows, cols, &data).unwrap();
+                let mut out = vec![0f32; n * rows];
+                matmul(&w, &x, n, &mut out);
+                // Reference: decoded weights times unquantized activations, in f64. The
+                // quantized paths also quantize activations: allow for that error.
+                let tol = if ty.is_quantized() { 2e-2 } else { 1e-4 };
+                let mut row = vec![0f32; cols];
+                for r in 0..rows {
+                    w.dequantize_row(r, &mut row);
+                    for t in 0..n {
+                        let want: f64 = row
+                            .iter()
+                            .zip(&x[t * cols..])
+                            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                            .sum();
+                        let got = f64::from(out[t * rows + r]);
+                        assert!(
+                            (got - want).abs() < tol * (1.0 + want.abs()),
+                            "{ty:?} n={n} r={r} t={t}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_are_checked() {
+        assert!(WeightMatrix::new(DType::Q4_1, 2, 64, &[0u8; 79]).is_err());
+        assert!(WeightMatrix::new(DType::Q4_1, 2, 64, &[0u8; 80]).is_ok());
+        assert!(WeightMatrix::new(DType::F32, 0, 4, &[]).is_err());
+    }
+}

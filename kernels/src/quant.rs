@@ -1,0 +1,265 @@
+//! Weight encodings and the 8-bit activation blocks quantized products use.
+
+use crate::KernelError;
+
+/// Elements per quantized block (all supported block formats use 32).
+pub const QK: usize = 32;
+
+/// A weight encoding, as GGUF and safetensors store it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// Blocks of 32: f16 scale `d`, 32 × i8; value = d·q.
+    Q8_0,
+    /// Blocks of 32: f16 scale `d`, 16 bytes of nibbles; value = d·(q − 8).
+    Q4_0,
+    /// Blocks of 32: f16 scale `d`, f16 minimum `m`, 16 bytes of nibbles; value = d·q + m.
+    Q4_1,
+}
+
+impl DType {
+    /// Elements per block.
+    pub fn block_elems(self) -> usize {
+        match self {
+            DType::F32 | DType::F16 | DType::Bf16 => 1,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => QK,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::Bf16 => 2,
+            DType::Q8_0 => 34,
+            DType::Q4_0 => 18,
+            DType::Q4_1 => 20,
+        }
+    }
+
+    /// Whether products with this encoding quantize the activations.
+    pub fn is_quantized(self) -> bool {
+        self.block_elems() > 1
+    }
+
+    /// Bytes of a row of `cols` elements; fails when `cols` is not a whole number of blocks.
+    pub fn row_bytes(self, cols: usize) -> Result<usize, KernelError> {
+        if cols == 0 || !cols.is_multiple_of(self.block_elems()) {
+            return Err(KernelError::Shape(format!(
+                "a row of {cols} elements is not a whole number of {self:?} blocks of {}",
+                self.block_elems()
+            )));
+        }
+        Ok(cols / self.block_elems() * self.block_bytes())
+    }
+}
+
+/// One block of 32 activations quantized to 8 bits: `x ≈ d·qs`, with `s = d·Σqs` kept for
+/// the encodings that carry an offset (Q4_1's minimum, Q4_0's −8).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Q8Act {
+    /// Scale.
+    pub d: f32,
+    /// `d` times the sum of `qs`.
+    pub s: f32,
+    /// Quantized values in −127..=127.
+    pub qs: [i8; QK],
+}
+
+/// Quantizes `x` (a whole number of blocks) into `out`.
+pub fn quantize_q8(x: &[f32], out: &mut [Q8Act]) {
+    assert_eq!(x.len(), out.len() * QK, "quantize_q8: length mismatch");
+    for (blk, o) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in o.qs.iter_mut().zip(blk) {
+            let r = (v * id).round() as i32;
+            *q = r.clamp(-127, 127) as i8;
+            sum += i32::from(*q);
+        }
+        o.d = d;
+        o.s = d * sum as f32;
+    }
+}
+
+#[inline]
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+#[inline]
+pub(crate) fn bf16_at(b: &[u8], i: usize) -> f32 {
+    f32::from_bits(u32::from(u16::from_le_bytes([b[i], b[i + 1]])) << 16)
+}
+
+#[inline]
+pub(crate) fn f32_at(b: &[u8], i: usize) -> f32 {
+    f32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// Decodes a row stored as `ty` into `out` (`src` holds exactly `out.len()` elements).
+pub fn dequantize_row(ty: DType, src: &[u8], out: &mut [f32]) {
+    let n = out.len();
+    assert_eq!(
+        src.len(),
+        n / ty.block_elems() * ty.block_bytes(),
+        "dequantize_row: length"
+    );
+    match ty {
+        DType::F32 => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = f32_at(src, 4 * i)),
+        DType::F16 => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = f16_at(src, 2 * i)),
+        DType::Bf16 => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = bf16_at(src, 2 * i)),
+        DType::Q8_0 => {
+            for (blk, o) in src.chunks_exact(34).zip(out.chunks_exact_mut(QK)) {
+                let d = f16_at(blk, 0);
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = d * f32::from(blk[2 + j] as i8);
+                }
+            }
+        }
+        DType::Q4_0 | DType::Q4_1 => {
+            let (hdr, bb) = if ty == DType::Q4_0 { (2, 18) } else { (4, 20) };
+            for (blk, o) in src.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
+                let d = f16_at(blk, 0);
+                let m = if ty == DType::Q4_0 {
+                    -8.0 * d
+                } else {
+                    f16_at(blk, 2)
+                };
+                for j in 0..16 {
+                    let q = blk[hdr + j];
+                    o[j] = d * f32::from(q & 0x0F) + m;
+                    o[j + 16] = d * f32::from(q >> 4) + m;
+                }
+            }
+        }
+    }
+}
+
+/// Encodes `x` as `ty`, as llama.cpp's reference quantizers do (used by tests and tools).
+pub fn quantize_row(ty: DType, x: &[f32]) -> Result<Vec<u8>, KernelError> {
+    let mut out = Vec::with_capacity(ty.row_bytes(x.len())?);
+    let f16b = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
+    match ty {
+        DType::F32 => x
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F16 => x.iter().for_each(|v| out.extend_from_slice(&f16b(*v))),
+        DType::Bf16 => x
+            .iter()
+            .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes())),
+        DType::Q8_0 => {
+            for blk in x.chunks_exact(QK) {
+                let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16b(d));
+                out.extend(
+                    blk.iter()
+                        .map(|v| ((v * id).round() as i32).clamp(-127, 127) as i8 as u8),
+                );
+            }
+        }
+        DType::Q4_0 => {
+            for blk in x.chunks_exact(QK) {
+                // Scale from the signed value of largest magnitude, as ggml does.
+                let max = blk
+                    .iter()
+                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16b(d));
+                let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
+                for j in 0..16 {
+                    out.push(q(blk[j]) | (q(blk[j + 16]) << 4));
+                }
+            }
+        }
+        DType::Q4_1 => {
+            for blk in x.chunks_exact(QK) {
+                let min = blk.iter().copied().fold(f32::INFINITY, f32::min);
+                let max = blk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let d = (max - min) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16b(d));
+                out.extend_from_slice(&f16b(min));
+                let q = |v: f32| (((v - min) * id + 0.5) as i32).clamp(0, 15) as u8;
+                for j in 0..16 {
+                    out.push(q(blk[j]) | (q(blk[j + 16]) << 4));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::needless_range_loop)]
+mod tests {
+    use super::*;
+    use crate::testutil::randv;
+
+    #[test]
+    fn every_encoding_round_trips_within_its_precision() {
+        let x = randv(7, 32 * 8, 3.0);
+        for (ty, tol) in [
+            (DType::F32, 0.0),
+            (DType::F16, 2e-3),
+            (DType::Bf16, 2e-2),
+            (DType::Q8_0, 3.0 / 127.0),
+            (DType::Q4_0, 3.0 / 7.0),
+            (DType::Q4_1, 6.0 / 15.0),
+        ] {
+            let enc = quantize_row(ty, &x).unwrap();
+            assert_eq!(enc.len(), ty.row_bytes(x.len()).unwrap());
+            let mut back = vec![0f32; x.len()];
+            dequantize_row(ty, &enc, &mut back);
+            let err = x
+                .iter()
+                .zip(&back)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err <= tol + 1e-6, "{ty:?}: max error {err} over {tol}");
+        }
+    }
+
+    #[test]
+    fn q8_activations_reconstruct_the_input() {
+        let x = randv(3, 32 * 4, 5.0);
+        let mut q = vec![Q8Act::default(); 4];
+        quantize_q8(&x, &mut q);
+        for (b, blk) in q.iter().enumerate() {
+            let sum: i32 = blk.qs.iter().map(|&v| i32::from(v)).sum();
+            assert!((blk.s - blk.d * sum as f32).abs() < 1e-4);
+            for j in 0..QK {
+                let v = blk.d * f32::from(blk.qs[j]);
+                assert!((v - x[b * QK + j]).abs() <= blk.d * 0.5 + 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn rows_must_be_whole_blocks() {
+        assert!(DType::Q4_1.row_bytes(33).is_err());
+        assert!(DType::Q4_1.row_bytes(0).is_err());
+        assert_eq!(DType::Q4_1.row_bytes(64).unwrap(), 40);
+        assert_eq!(DType::F16.row_bytes(3).unwrap(), 6);
+    }
+}
