@@ -1,0 +1,674 @@
+//! Model configuration, weights (GGUF or safetensors) and the forward pass over paged KV.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use rayon::prelude::*;
+use strata_cache_core::{KvDtype, KvLayout, KvShape, Namespace, TpShape};
+use strata_kernels::ops::{Rope, add_inplace, rmsnorm_rows_inplace, silu_mul};
+use strata_kernels::{AttnShape, DType, RopeLayout, WeightMatrix, matmul, paged_attention};
+
+use crate::EngineError;
+use crate::gguf::{GgufFile, Value};
+use crate::kv::{KvPool, Sequence};
+
+/// What the forward pass needs to know about a model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    /// Architecture name (`llama`, `mistral`, `qwen2`, `qwen3`).
+    pub arch: String,
+    /// Transformer blocks.
+    pub n_layers: usize,
+    /// Residual width.
+    pub hidden: usize,
+    /// MLP width.
+    pub ffn: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Longest context the model was trained for.
+    pub ctx_len: usize,
+    /// RoPE base.
+    pub rope_theta: f32,
+    /// Rotated dimensions per head.
+    pub rope_dim: usize,
+    /// Which elements RoPE pairs.
+    pub rope_layout: RopeLayout,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+    /// Q/K/V projections have biases (Qwen2).
+    pub qkv_bias: bool,
+    /// Per-head RMSNorm of Q and K before RoPE (Qwen3).
+    pub qk_norm: bool,
+}
+
+/// A weight matrix living in a memory map.
+#[derive(Clone, Debug)]
+pub struct Matrix {
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    map: Arc<Mmap>,
+    offset: usize,
+    len: usize,
+}
+
+impl Matrix {
+    /// The kernels' view of it.
+    pub fn view(&self) -> WeightMatrix<'_> {
+        WeightMatrix::new(
+            self.dtype,
+            self.rows,
+            self.cols,
+            &self.map[self.offset..self.offset + self.len],
+        )
+        .expect("shape checked at load")
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    wo: Matrix,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    w_gate: Matrix,
+    w_up: Matrix,
+    w_down: Matrix,
+}
+
+/// Which logits a forward call returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only after the last token (prefill, decode).
+    Last,
+    /// After every token (perplexity, teacher forcing).
+    All,
+}
+
+/// A loaded model: configuration and weights.
+pub struct Model {
+    /// Configuration.
+    pub config: ModelConfig,
+    /// Where it was loaded from.
+    pub source: PathBuf,
+    embed: Matrix,
+    output: Matrix,
+    norm: Vec<f32>,
+    layers: Vec<Layer>,
+    rope: Rope,
+    fingerprint: [u8; 32],
+}
+
+/// A raw tensor from either file format: encoding, shape (outermost first) and bytes.
+struct Raw {
+    dtype: DType,
+    shape: Vec<usize>,
+    map: Arc<Mmap>,
+    offset: usize,
+    len: usize,
+}
+
+struct Source {
+    tensors: HashMap<String, Raw>,
+    what: String,
+}
+
+impl Source {
+    fn take(&mut self, name: &str) -> Result<Raw, EngineError> {
+        self.tensors
+            .remove(name)
+            .ok_or_else(|| EngineError::Format(format!("{}: missing tensor {name}", self.what)))
+    }
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<Matrix, EngineError> {
+        let r = self.take(name)?;
+        if r.shape != [rows, cols] {
+            return Err(EngineError::Format(format!(
+                "{}: tensor {name} has shape {:?}, expected [{rows}, {cols}]",
+                self.what, r.shape
+            )));
+        }
+        let m = Matrix {
+            dtype: r.dtype,
+            rows,
+            cols,
+            map: r.map,
+            offset: r.offset,
+            len: r.len,
+        };
+        WeightMatrix::new(m.dtype, rows, cols, &m.map[m.offset..m.offset + m.len])
+            .map_err(|e| EngineError::Format(format!("{}: tensor {name}: {e}", self.what)))?;
+        Ok(m)
+    }
+    fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>, EngineError> {
+        let r = self.take(name)?;
+        if r.shape.iter().product::<usize>() != len || r.dtype.is_quantized() {
+            return Err(EngineError::Format(format!(
+                "{}: tensor {name} has shape {:?} {:?}, expected {len} floats",
+                self.what, r.shape, r.dtype
+            )));
+        }
+        let mut v = vec![0f32; len];
+        strata_kernels::quant::dequantize_row(r.dtype, &r.map[r.offset..r.offset + r.len], &mut v);
+        Ok(v)
+    }
+    fn optional_vector(&mut self, name: &str, len: usize) -> Result<Option<Vec<f32>>, EngineError> {
+        if self.tensors.contains_key(name) {
+            self.vector(name, len).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+fn hash_maps<'a>(maps: impl Iterator<Item = &'a Arc<Mmap>>) -> [u8; 32] {
+    let mut seen: Vec<*const u8> = Vec::new();
+    let mut h = blake3::Hasher::new();
+    for m in maps {
+        if !seen.contains(&m.as_ptr()) {
+            seen.push(m.as_ptr());
+            h.update(&m[..]);
+        }
+    }
+    *h.finalize().as_bytes()
+}
+
+impl Model {
+    /// Loads a `.gguf` file, or a Hugging Face folder (`config.json` + safetensors).
+    pub fn load(path: &Path) -> Result<Self, EngineError> {
+        if path.is_dir() {
+            Self::load_hf(path)
+        } else {
+            Self::load_gguf(&GgufFile::open(path)?, path)
+        }
+    }
+
+    /// Loads from an open GGUF file.
+    pub fn load_gguf(g: &GgufFile, path: &Path) -> Result<Self, EngineError> {
+        let arch = g
+            .get("general.architecture")
+            .and_then(Value::as_str)
+            .ok_or_else(|| EngineError::Format("GGUF: no general.architecture".into()))?
+            .to_owned();
+        let rope_layout = match arch.as_str() {
+            "llama" | "mistral" => RopeLayout::Adjacent,
+            "qwen2" | "qwen3" => RopeLayout::HalfSplit,
+            other => {
+                return Err(EngineError::Unsupported(format!(
+                    "architecture {other} (supported: llama, mistral, qwen2, qwen3)"
+                )));
+            }
+        };
+        let key = |k: &str| format!("{arch}.{k}");
+        let uk = |k: &str| g.u64(&key(k)).map(|v| v as usize);
+        let fk = |k: &str, d: f64| g.get(&key(k)).and_then(Value::as_f64).unwrap_or(d) as f32;
+        let hidden = uk("embedding_length")?;
+        let n_heads = uk("attention.head_count")?;
+        let head_dim = uk("attention.key_length").unwrap_or(hidden / n_heads.max(1));
+        let embd = g
+            .tensors
+            .get("token_embd.weight")
+            .ok_or_else(|| EngineError::Format("GGUF: no token_embd.weight".into()))?;
+        let config = ModelConfig {
+            n_layers: uk("block_count")?,
+            hidden,
+            ffn: uk("feed_forward_length")?,
+            n_heads,
+            n_kv_heads: uk("attention.head_count_kv").unwrap_or(n_heads),
+            head_dim,
+            vocab: embd.dims.get(1).copied().unwrap_or(0) as usize,
+            ctx_len: uk("context_length").unwrap_or(4096),
+            rope_theta: fk("rope.freq_base", 10000.0),
+            rope_dim: uk("rope.dimension_count").unwrap_or(head_dim),
+            rope_layout,
+            rms_eps: fk("attention.layer_norm_rms_epsilon", 1e-5),
+            qkv_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
+            qk_norm: g.tensors.contains_key("blk.0.attn_q_norm.weight"),
+            arch,
+        };
+        let tensors = g
+            .tensors
+            .iter()
+            .map(|(n, t)| {
+                // ggml dims are innermost first; our shapes are outermost first.
+                let shape = t.dims.iter().rev().map(|d| *d as usize).collect();
+                (
+                    n.clone(),
+                    Raw {
+                        dtype: t.dtype,
+                        shape,
+                        map: g.map().clone(),
+                        offset: t.offset,
+                        len: t.len,
+                    },
+                )
+            })
+            .collect();
+        let mut src = Source {
+            tensors,
+            what: path.display().to_string(),
+        };
+        let names = |i: usize, n: &str| format!("blk.{i}.{n}");
+        let freq = src.optional_vector("rope_freqs.weight", config.rope_dim / 2)?;
+        let fingerprint = hash_maps(std::iter::once(g.map()));
+        Self::assemble(
+            config,
+            &mut src,
+            path,
+            fingerprint,
+            freq,
+            &|i, n| {
+                names(
+                    i,
+                    match n {
+                        "attn_norm" => "attn_norm.weight",
+                        "wq" => "attn_q.weight",
+                        "wk" => "attn_k.weight",
+                        "wv" => "attn_v.weight",
+                        "wo" => "attn_output.weight",
+                        "bq" => "attn_q.bias",
+                        "bk" => "attn_k.bias",
+                        "bv" => "attn_v.bias",
+                        "q_norm" => "attn_q_norm.weight",
+                        "k_norm" => "attn_k_norm.weight",
+                        "ffn_norm" => "ffn_norm.weight",
+                        "gate" => "ffn_gate.weight",
+                        "up" => "ffn_up.weight",
+                        _ => "ffn_down.weight",
+                    },
+                )
+            },
+            ["token_embd.weight", "output_norm.weight", "output.weight"],
+        )
+    }
+
+    /// Loads a Hugging Face folder: `config.json` and `model.safetensors` (or shards).
+    pub fn load_hf(dir: &Path) -> Result<Self, EngineError> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| EngineError::Io(format!("{}: {e}", cfg_path.display())))?;
+        let c: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| EngineError::Format(format!("{}: {e}", cfg_path.display())))?;
+        let arch = c
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_owned();
+        if !["llama", "mistral", "qwen2", "qwen3"].contains(&arch.as_str()) {
+            return Err(EngineError::Unsupported(format!(
+                "model_type {arch:?} (supported: llama, mistral, qwen2, qwen3)"
+            )));
+        }
+        let u = |k: &str| {
+            c.get(k)
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .ok_or_else(|| EngineError::Format(format!("{}: missing {k}", cfg_path.display())))
+        };
+        let f = |k: &str, d: f64| c.get(k).and_then(|v| v.as_f64()).unwrap_or(d) as f32;
+        let hidden = u("hidden_size")?;
+        let n_heads = u("num_attention_heads")?;
+        let head_dim = u("head_dim").unwrap_or(hidden / n_heads.max(1));
+        let attention_bias = c
+            .get("attention_bias")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let config = ModelConfig {
+            n_layers: u("num_hidden_layers")?,
+            hidden,
+            ffn: u("intermediate_size")?,
+            n_heads,
+            n_kv_heads: u("num_key_value_heads").unwrap_or(n_heads),
+            head_dim,
+            vocab: u("vocab_size")?,
+            ctx_len: u("max_position_embeddings").unwrap_or(4096),
+            rope_theta: f("rope_theta", 10000.0),
+            rope_dim: head_dim,
+            rope_layout: RopeLayout::HalfSplit,
+            rms_eps: f("rms_norm_eps", 1e-6),
+            qkv_bias: arch == "qwen2" || attention_bias,
+            qk_norm: arch == "qwen3",
+            arch,
+        };
+        let freq = llama3_freq_factors(&c, &config);
+        let tensors: HashMap<String, Raw> = crate::safetensors::load_dir(dir)?
+            .into_iter()
+            .map(|(n, t)| {
+                (
+                    n,
+                    Raw {
+                        dtype: t.dtype,
+                        shape: t.shape,
+                        map: t.map,
+                        offset: t.offset,
+                        len: t.len,
+                    },
+                )
+            })
+            .collect();
+        let fingerprint = hash_maps(tensors.values().map(|r| &r.map));
+        let tied = c
+            .get("tie_word_embeddings")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+            || !tensors.contains_key("lm_head.weight");
+        let mut src = Source {
+            tensors,
+            what: dir.display().to_string(),
+        };
+        let output = if tied {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        Self::assemble(
+            config,
+            &mut src,
+            dir,
+            fingerprint,
+            freq,
+            &|i, n| {
+                let s = match n {
+                    "attn_norm" => "input_layernorm.weight",
+                    "wq" => "self_attn.q_proj.weight",
+                    "wk" => "self_attn.k_proj.weight",
+                    "wv" => "self_attn.v_proj.weight",
+                    "wo" => "self_attn.o_proj.weight",
+                    "bq" => "self_attn.q_proj.bias",
+                    "bk" => "self_attn.k_proj.bias",
+                    "bv" => "self_attn.v_proj.bias",
+                    "q_norm" => "self_attn.q_norm.weight",
+                    "k_norm" => "self_attn.k_norm.weight",
+                    "ffn_norm" => "post_attention_layernorm.weight",
+                    "gate" => "mlp.gate_proj.weight",
+                    "up" => "mlp.up_proj.weight",
+                    _ => "mlp.down_proj.weight",
+                };
+                format!("model.layers.{i}.{s}")
+            },
+            ["model.embed_tokens.weight", "model.norm.weight", output],
+        )
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn assemble(
+        config: ModelConfig,
+        src: &mut Source,
+        path: &Path,
+        fingerprint: [u8; 32],
+        freq: Option<Vec<f32>>,
+        name: &dyn Fn(usize, &str) -> String,
+        [embed_name, norm_name, output_name]: [&str; 3],
+    ) -> Result<Self, EngineError> {
+        let c = &config;
+        if c.n_layers == 0
+            || c.hidden == 0
+            || c.n_heads == 0
+            || c.n_kv_heads == 0
+            || !c.n_heads.is_multiple_of(c.n_kv_heads)
+            || c.head_dim == 0
+            || c.head_dim % 2 != 0
+            || c.rope_dim > c.head_dim
+            || c.vocab == 0
+        {
+            return Err(EngineError::Format(format!(
+                "{}: inconsistent configuration {c:?}",
+                path.display()
+            )));
+        }
+        let (q_dim, kv_dim) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let embed = src.matrix(embed_name, c.vocab, c.hidden)?;
+        let output = if output_name == embed_name || !src.tensors.contains_key(output_name) {
+            embed.clone()
+        } else {
+            src.matrix(output_name, c.vocab, c.hidden)?
+        };
+        let norm = src.vector(norm_name, c.hidden)?;
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let opt = |src: &mut Source,
+                       n: &str,
+                       len: usize,
+                       want: bool|
+             -> Result<Option<Vec<f32>>, EngineError> {
+                if want {
+                    src.vector(&name(i, n), len).map(Some)
+                } else {
+                    src.optional_vector(&name(i, n), len)
+                }
+            };
+            layers.push(Layer {
+                attn_norm: src.vector(&name(i, "attn_norm"), c.hidden)?,
+                wq: src.matrix(&name(i, "wq"), q_dim, c.hidden)?,
+                wk: src.matrix(&name(i, "wk"), kv_dim, c.hidden)?,
+                wv: src.matrix(&name(i, "wv"), kv_dim, c.hidden)?,
+                wo: src.matrix(&name(i, "wo"), c.hidden, q_dim)?,
+                bq: opt(src, "bq", q_dim, c.qkv_bias)?,
+                bk: opt(src, "bk", kv_dim, c.qkv_bias)?,
+                bv: opt(src, "bv", kv_dim, c.qkv_bias)?,
+                q_norm: opt(src, "q_norm", c.head_dim, c.qk_norm)?,
+                k_norm: opt(src, "k_norm", c.head_dim, c.qk_norm)?,
+                ffn_norm: src.vector(&name(i, "ffn_norm"), c.hidden)?,
+                w_gate: src.matrix(&name(i, "gate"), c.ffn, c.hidden)?,
+                w_up: src.matrix(&name(i, "up"), c.ffn, c.hidden)?,
+                w_down: src.matrix(&name(i, "down"), c.hidden, c.ffn)?,
+            });
+        }
+        let rope = Rope::new(
+            c.head_dim,
+            c.rope_dim,
+            c.rope_theta,
+            c.rope_layout,
+            freq.as_deref(),
+        );
+        Ok(Model {
+            config,
+            source: path.to_owned(),
+            embed,
+            output,
+            norm,
+            layers,
+            rope,
+            fingerprint,
+        })
+    }
+
+    /// blake3 of the weight files: the model fingerprint of the cache namespace.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
+    }
+
+    /// The KV shape of one token.
+    pub fn kv_shape(&self) -> KvShape {
+        KvShape {
+            num_layers: self.config.n_layers as u32,
+            num_kv_heads: self.config.n_kv_heads as u32,
+            head_dim: self.config.head_dim as u32,
+        }
+    }
+
+    /// The cache namespace this model's KV pages belong to (f32, page-first).
+    pub fn namespace(
+        &self,
+        page_size: usize,
+        tenant_salt: &[u8],
+    ) -> Result<Namespace, EngineError> {
+        Namespace::new(
+            self.fingerprint,
+            KvDtype::F32,
+            KvLayout::PageFirst,
+            page_size as u32,
+            self.kv_shape(),
+            TpShape::default(),
+            tenant_salt,
+        )
+        .map_err(|e| EngineError::BadRequest(e.to_string()))
+    }
+
+    /// Runs `tokens` through the model, appending their K/V to `seq` (pages from `pool`),
+    /// and returns the logits after the last token or after every token.
+    pub fn forward(
+        &self,
+        pool: &mut KvPool,
+        seq: &mut Sequence,
+        tokens: &[u32],
+        want: Logits,
+    ) -> Result<Vec<f32>, EngineError> {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(EngineError::BadRequest("no tokens to run".into()));
+        }
+        if let Some(t) = tokens.iter().find(|t| **t as usize >= c.vocab) {
+            return Err(EngineError::BadRequest(format!(
+                "token id {t} is outside the vocabulary of {}",
+                c.vocab
+            )));
+        }
+        let start = seq.len();
+        if start + n > c.ctx_len {
+            return Err(EngineError::BadRequest(format!(
+                "{} tokens exceed the model's context of {}",
+                start + n,
+                c.ctx_len
+            )));
+        }
+        pool.check_shape(c)?;
+        pool.reserve(seq, start + n)?;
+        let (h, q_dim, kv_dim, hd) = (
+            c.hidden,
+            c.n_heads * c.head_dim,
+            c.n_kv_heads * c.head_dim,
+            c.head_dim,
+        );
+        let mut x = vec![0f32; n * h];
+        let embed = self.embed.view();
+        x.par_chunks_mut(h)
+            .zip(tokens.par_iter())
+            .for_each(|(row, t)| embed.dequantize_row(*t as usize, row));
+        let mut xn = vec![0f32; n * h];
+        let mut q = vec![0f32; n * q_dim];
+        let mut k = vec![0f32; n * kv_dim];
+        let mut v = vec![0f32; n * kv_dim];
+        let mut att = vec![0f32; n * q_dim];
+        let mut gate = vec![0f32; n * c.ffn];
+        let mut up = vec![0f32; n * c.ffn];
+        let shape = AttnShape {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: hd,
+            page_size: pool.page_size(),
+        };
+        for (li, l) in self.layers.iter().enumerate() {
+            xn.copy_from_slice(&x);
+            rmsnorm_rows_inplace(&mut xn, &l.attn_norm, c.rms_eps);
+            matmul(&l.wq.view(), &xn, n, &mut q);
+            matmul(&l.wk.view(), &xn, n, &mut k);
+            matmul(&l.wv.view(), &xn, n, &mut v);
+            for (buf, b) in [(&mut q, &l.bq), (&mut k, &l.bk), (&mut v, &l.bv)] {
+                if let Some(b) = b {
+                    buf.chunks_exact_mut(b.len())
+                        .for_each(|r| add_inplace(r, b));
+                }
+            }
+            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+                rmsnorm_rows_inplace(&mut q, qn, c.rms_eps);
+                rmsnorm_rows_inplace(&mut k, kn, c.rms_eps);
+            }
+            q.par_chunks_mut(q_dim)
+                .enumerate()
+                .for_each(|(i, r)| self.rope.apply(r, start + i));
+            k.par_chunks_mut(kv_dim)
+                .enumerate()
+                .for_each(|(i, r)| self.rope.apply(r, start + i));
+            pool.write_kv(seq, li, start, &k, &v);
+            let pages = pool.layer_pages(seq, li);
+            paged_attention(shape, &q, n, start, &pages, &mut att)
+                .map_err(|e| EngineError::Internal(e.to_string()))?;
+            matmul(&l.wo.view(), &att, n, &mut xn);
+            add_inplace(&mut x, &xn);
+            xn.copy_from_slice(&x);
+            rmsnorm_rows_inplace(&mut xn, &l.ffn_norm, c.rms_eps);
+            matmul(&l.w_gate.view(), &xn, n, &mut gate);
+            matmul(&l.w_up.view(), &xn, n, &mut up);
+            gate.par_chunks_mut(c.ffn)
+                .zip(up.par_chunks(c.ffn))
+                .for_each(|(g, u)| silu_mul(g, u));
+            matmul(&l.w_down.view(), &gate, n, &mut xn);
+            add_inplace(&mut x, &xn);
+        }
+        seq.set_len(start + n);
+        let rows = match want {
+            Logits::Last => &mut x[(n - 1) * h..],
+            Logits::All => &mut x[..],
+        };
+        rmsnorm_rows_inplace(rows, &self.norm, c.rms_eps);
+        let m = rows.len() / h;
+        let mut logits = vec![0f32; m * c.vocab];
+        matmul(&self.output.view(), rows, m, &mut logits);
+        Ok(logits)
+    }
+
+    /// Prefill in chunks of at most `chunk` tokens; returns the logits after the last token.
+    pub fn prefill(
+        &self,
+        pool: &mut KvPool,
+        seq: &mut Sequence,
+        tokens: &[u32],
+        chunk: usize,
+    ) -> Result<Vec<f32>, EngineError> {
+        let mut last = None;
+        for part in tokens.chunks(chunk.max(1)) {
+            last = Some(self.forward(pool, seq, part, Logits::Last)?);
+        }
+        last.ok_or_else(|| EngineError::BadRequest("no tokens to run".into()))
+    }
+}
+
+/// Llama 3.1 `rope_scaling` (`rope_type: llama3`) as per-pair frequency divisors.
+fn llama3_freq_factors(c: &serde_json::Value, cfg: &ModelConfig) -> Option<Vec<f32>> {
+    let rs = c.get("rope_scaling")?;
+    let ty = rs.get("rope_type").or_else(|| rs.get("type"))?.as_str()?;
+    if ty != "llama3" {
+        return None;
+    }
+    let g = |k: &str, d: f64| rs.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
+    let (factor, lo, hi, orig) = (
+        g("factor", 8.0),
+        g("low_freq_factor", 1.0),
+        g("high_freq_factor", 4.0),
+        g("original_max_position_embeddings", 8192.0),
+    );
+    let (lo_wl, hi_wl) = (orig / lo, orig / hi);
+    let half = cfg.rope_dim / 2;
+    Some(
+        (0..half)
+            .map(|i| {
+                let freq =
+                    1.0 / f64::from(cfg.rope_theta).powf(2.0 * i as f64 / cfg.rope_dim as f64);
+                let wl = 2.0 * std::f64::consts::PI / freq;
+                if wl < hi_wl {
+                    1.0
+                } else if wl > lo_wl {
+                    factor as f32
+                } else {
+                    let smooth = (orig / wl - lo) / (hi - lo);
+                    (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                }
+            })
+            .collect(),
+    )
+}
