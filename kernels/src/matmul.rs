@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use crate::dot::{fdot, qdot};
-use crate::quant::{DType, Q8Act, QK, dequantize_row, quantize_q8};
+use crate::quant::{DType, QAct, QK, dequantize_row, quantize_act};
 use crate::{KernelError, SharedOut};
 
 /// A row-major `rows × cols` weight matrix stored in `ty` (GGUF's and Hugging Face's
@@ -79,13 +79,13 @@ pub fn matmul(w: &WeightMatrix<'_>, x: &[f32], n: usize, out: &mut [f32]) {
     let dst = SharedOut(out.as_mut_ptr());
     if w.ty.is_quantized() {
         let nb = w.cols / QK;
-        let mut act = vec![Q8Act::default(); n * nb];
+        let mut act = vec![QAct::default(); n * nb];
         if n > 1 {
             act.par_chunks_mut(nb)
                 .zip(x.par_chunks(w.cols))
-                .for_each(|(q, xr)| quantize_q8(xr, q));
+                .for_each(|(q, xr)| quantize_act(xr, q));
         } else {
-            quantize_q8(x, &mut act);
+            quantize_act(x, &mut act);
         }
         let dot1 = qdot::<1>(w.ty, simd);
         let dot4 = qdot::<4>(w.ty, simd);
