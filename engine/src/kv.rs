@@ -128,7 +128,7 @@ impl KvPool {
 
     /// Returns every page of `seq` to the pool and empties it.
     pub fn release(&mut self, seq: &mut Sequence) {
-        self.free.extend(seq.pages.drain(..));
+        self.free.append(&mut seq.pages);
         seq.len = 0;
     }
 
@@ -182,7 +182,7 @@ impl KvPool {
                 self.block_bytes()
             )));
         }
-        if seq.len % self.page_size != 0 || seq.pages.len() != seq.len / self.page_size {
+        if !seq.len.is_multiple_of(self.page_size) || seq.pages.len() != seq.len / self.page_size {
             return Err(EngineError::BadRequest(
                 "a page can only be imported at a page boundary".into(),
             ));

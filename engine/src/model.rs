@@ -420,7 +420,7 @@ impl Model {
             || c.n_kv_heads == 0
             || !c.n_heads.is_multiple_of(c.n_kv_heads)
             || c.head_dim == 0
-            || c.head_dim % 2 != 0
+            || !c.head_dim.is_multiple_of(2)
             || c.rope_dim > c.head_dim
             || c.vocab == 0
         {

@@ -109,18 +109,16 @@ fn parse(map: Arc<Mmap>, what: &str) -> Result<HashMap<String, StTensor>, Engine
         let shape: Vec<usize> = v
             .get("shape")
             .and_then(|s| s.as_array())
-            .map(|a| {
+            .and_then(|a| {
                 a.iter()
                     .map(|x| x.as_u64().map(|u| u as usize))
                     .collect::<Option<Vec<_>>>()
             })
-            .flatten()
             .ok_or_else(|| bad(format!("tensor {name} has no shape")))?;
         let offs: Vec<u64> = v
             .get("data_offsets")
             .and_then(|s| s.as_array())
-            .map(|a| a.iter().map(|x| x.as_u64()).collect::<Option<Vec<_>>>())
-            .flatten()
+            .and_then(|a| a.iter().map(|x| x.as_u64()).collect::<Option<Vec<_>>>())
             .filter(|o| o.len() == 2 && o[0] <= o[1])
             .ok_or_else(|| bad(format!("tensor {name} has bad data_offsets")))?;
         let elems = shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d));

@@ -151,7 +151,7 @@ fn main() -> Result<()> {
                         && !text.ends_with('\u{FFFD}')
                     {
                         let mut out = stdout.lock();
-                        let _ = out.write_all(text[printed..].as_bytes());
+                        let _ = out.write_all(&text.as_bytes()[printed..]);
                         let _ = out.flush();
                         printed = text.len();
                     }

@@ -1,0 +1,80 @@
+//! Tiny random-weights models in Hugging Face layout (Llama F32 untied, Qwen2 BF16 with QKV
+//! bias, Qwen3 F16 with Q/K norm) load from safetensors and match the reference's logits.
+
+mod common;
+
+use common::fixtures;
+use strata_engine::{Engine, KvPool, Logits, Sequence};
+
+#[test]
+fn tiny_safetensors_models_match_the_reference() {
+    let text = std::fs::read_to_string(fixtures().join("tiny_reference.json")).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for name in ["tiny_llama", "tiny_qwen2", "tiny_qwen3"] {
+        let e = Engine::load(&fixtures().join(name)).unwrap_or_else(|err| panic!("{name}: {err}"));
+        let tokens = common::ids(&r[name]["tokens"]);
+        let want: Vec<Vec<f32>> = r[name]["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| {
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+                    .collect()
+            })
+            .collect();
+        let vocab = e.model.config.vocab;
+        let mut pool = KvPool::new(&e.model.config, 16, 8).unwrap();
+        let mut seq = Sequence::new();
+        let got = e
+            .model
+            .forward(&mut pool, &mut seq, &tokens, Logits::All)
+            .unwrap();
+        let mut max = 0f32;
+        for (p, row) in want.iter().enumerate() {
+            for (a, b) in got[p * vocab..(p + 1) * vocab].iter().zip(row) {
+                max = max.max((a - b).abs());
+            }
+        }
+        println!(
+            "{name} ({}): max |Δlogit| {max:e} over {} positions",
+            e.model.config.arch,
+            want.len()
+        );
+        assert!(max < 1e-3, "{name}: max logit difference {max}");
+        // Its tokenizer.json loads and round-trips.
+        assert_eq!(
+            e.decode(&e.encode_prompt("The quick", false).unwrap())
+                .unwrap(),
+            "The quick"
+        );
+    }
+}
+
+#[test]
+fn a_broken_model_folder_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("strata-bad-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = fixtures().join("tiny_llama");
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    // Truncated weights.
+    let w = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &w[..w.len() / 2]).unwrap();
+    let err = Engine::load(&dir)
+        .err()
+        .expect("truncated weights must not load")
+        .to_string();
+    assert!(
+        err.contains("outside the file") || err.contains("does not match"),
+        "{err}"
+    );
+    // Unknown architecture.
+    std::fs::write(dir.join("config.json"), r#"{"model_type": "gpt_neox"}"#).unwrap();
+    let err = Engine::load(&dir).err().unwrap().to_string();
+    assert!(err.contains("gpt_neox"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
