@@ -34,14 +34,17 @@ enum Cmd {
         /// the device you want to measure.
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
+        /// Threads for the engine suite (both engines; default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Micro { suite, quick, dir } => {
-            let results = micro::run(suite, quick, dir)?;
+        Cmd::Micro { suite, quick, dir, threads } => {
+            let results = micro::run(suite, quick, dir, threads)?;
             for r in results {
                 println!("RESULT {} {} {}", r.name, r.value, r.unit);
             }

@@ -2,7 +2,6 @@
 
 use rayon::prelude::*;
 
-use crate::dot::{axpy, dot_f32};
 use crate::{KernelError, SharedOut};
 
 /// The shape attention works on.
@@ -76,52 +75,126 @@ pub fn paged_attention(
         )));
     }
     let group = n_heads / n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let simd = crate::simd();
-    let v_off = page_size * n_kv_heads * hd;
-    let at = |t: usize, kvh: usize, v: bool| -> &[f32] {
-        let p = pages[t / page_size];
-        let o = (t % page_size * n_kv_heads + kvh) * hd + if v { v_off } else { 0 };
-        &p[o..o + hd]
+    // Decode has few (token, kv head) pairs: split groups into single heads so every thread
+    // has work; prefill keeps a group together so each K/V row is read once for the group.
+    let per_job = if n * n_kv_heads >= 4 * rayon::current_num_threads() { group } else { 1 };
+    let jobs_per_kv = group / per_job;
+    let job = Job {
+        q,
+        pages,
+        start,
+        n_kv_heads,
+        hd,
+        page_size,
+        group,
+        scale: 1.0 / (hd as f32).sqrt(),
+        out: SharedOut(out.as_mut_ptr()),
     };
-    let dst = SharedOut(out.as_mut_ptr());
-    (0..n * n_kv_heads).into_par_iter().for_each(|job| {
-        let (i, kvh) = (job / n_kv_heads, job % n_kv_heads);
-        let seen = start + i + 1;
-        let mut scores = vec![0f32; group * seen];
-        for t in 0..seen {
-            let k = at(t, kvh, false);
-            for g in 0..group {
-                let h = kvh * group + g;
-                let qh = &q[i * row + h * hd..i * row + (h + 1) * hd];
-                scores[g * seen + t] = dot_f32(qh, k, simd) * scale;
-            }
+    let simd = crate::simd();
+    (0..n * n_kv_heads * jobs_per_kv).into_par_iter().for_each(|j| {
+        let i = j / (n_kv_heads * jobs_per_kv);
+        let kvh = j / jobs_per_kv % n_kv_heads;
+        let g0 = j % jobs_per_kv * per_job;
+        #[cfg(target_arch = "x86_64")]
+        if simd == crate::Simd::Avx2 {
+            // SAFETY: simd() found AVX2/FMA on this CPU.
+            unsafe { job.run_avx2(i, kvh, g0..g0 + per_job) };
+            return;
         }
-        let mut acc = vec![0f32; group * hd];
-        for g in 0..group {
-            crate::ops::softmax(&mut scores[g * seen..(g + 1) * seen]);
-        }
-        for t in 0..seen {
-            let v = at(t, kvh, true);
-            for g in 0..group {
-                axpy(
-                    scores[g * seen + t],
-                    v,
-                    &mut acc[g * hd..(g + 1) * hd],
-                    simd,
-                );
-            }
-        }
-        for g in 0..group {
-            let h = kvh * group + g;
-            for (d, val) in acc[g * hd..(g + 1) * hd].iter().enumerate() {
-                // SAFETY: job (i, kvh) alone writes heads kvh*group..(kvh+1)*group of token i;
-                // the index is inside the n × row output, alive for the parallel section.
-                unsafe { dst.write(i * row + h * hd + d, *val) };
-            }
-        }
+        let _ = simd;
+        job.run(i, kvh, g0..g0 + per_job, |a, b| a.iter().zip(b).map(|(x, y)| x * y).sum(), |s, x, y| {
+            y.iter_mut().zip(x).for_each(|(o, v)| *o += s * v)
+        });
     });
     Ok(())
+}
+
+/// One attention call's inputs, shared by its parallel jobs.
+struct Job<'a> {
+    q: &'a [f32],
+    pages: &'a [&'a [f32]],
+    start: usize,
+    n_kv_heads: usize,
+    hd: usize,
+    page_size: usize,
+    group: usize,
+    scale: f32,
+    out: SharedOut,
+}
+
+impl Job<'_> {
+    /// Query token `i`, heads `gs` of kv head `kvh`'s group, with the given dot and axpy.
+    #[inline(always)]
+    fn run(
+        &self,
+        i: usize,
+        kvh: usize,
+        gs: std::ops::Range<usize>,
+        dot: impl Fn(&[f32], &[f32]) -> f32,
+        axpy: impl Fn(f32, &[f32], &mut [f32]),
+    ) {
+        let (hd, ps, nkv) = (self.hd, self.page_size, self.n_kv_heads);
+        let row = nkv * self.group * hd;
+        let seen = self.start + i + 1;
+        let ng = gs.len();
+        let v_off = ps * nkv * hd;
+        let qh = |g: usize| {
+            let h = kvh * self.group + g;
+            &self.q[i * row + h * hd..i * row + (h + 1) * hd]
+        };
+        let mut scores = vec![0f32; ng * seen];
+        for (pi, page) in self.pages.iter().enumerate().take(seen.div_ceil(ps)) {
+            let t0 = pi * ps;
+            for t in t0..seen.min(t0 + ps) {
+                let o = ((t - t0) * nkv + kvh) * hd;
+                let k = &page[o..o + hd];
+                for (gi, g) in gs.clone().enumerate() {
+                    scores[gi * seen + t] = dot(qh(g), k) * self.scale;
+                }
+            }
+        }
+        for s in scores.chunks_exact_mut(seen) {
+            crate::ops::softmax(s);
+        }
+        let mut acc = vec![0f32; ng * hd];
+        for (pi, page) in self.pages.iter().enumerate().take(seen.div_ceil(ps)) {
+            let t0 = pi * ps;
+            for t in t0..seen.min(t0 + ps) {
+                let o = v_off + ((t - t0) * nkv + kvh) * hd;
+                let v = &page[o..o + hd];
+                for gi in 0..ng {
+                    axpy(scores[gi * seen + t], v, &mut acc[gi * hd..(gi + 1) * hd]);
+                }
+            }
+        }
+        for (gi, g) in gs.enumerate() {
+            let h = kvh * self.group + g;
+            for (d, val) in acc[gi * hd..(gi + 1) * hd].iter().enumerate() {
+                // SAFETY: job (i, kvh, gs) alone writes heads gs of kv head kvh's group of
+                // token i; the index is inside the output, alive for the parallel section.
+                unsafe { self.out.write(i * row + h * hd + d, *val) };
+            }
+        }
+    }
+
+    /// [`Job::run`] compiled for AVX2 with the AVX2 dot and axpy inlined.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run_avx2(&self, i: usize, kvh: usize, gs: std::ops::Range<usize>) {
+        use crate::dot::avx2;
+        self.run(
+            i,
+            kvh,
+            gs,
+            // SAFETY: the caller guarantees AVX2/FMA; both rows are head_dim long.
+            |a, b| unsafe { avx2::dot_f32(a, b) },
+            // SAFETY: as above; acc and v rows are head_dim long.
+            |s, x, y| unsafe { avx2::axpy(s, x, y) },
+        );
+    }
 }
 
 #[cfg(test)]

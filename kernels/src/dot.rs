@@ -96,7 +96,8 @@ fn scalar_q4<const N: usize, const MIN: bool>(w: &[u8], a: [&[QAct]; N]) -> [f32
     out
 }
 
-/// Plain f32 dot product (AVX2 when available).
+/// Plain f32 dot product (AVX2 when available); attention inlines the AVX2 version.
+#[cfg(test)]
 pub(crate) fn dot_f32(a: &[f32], b: &[f32], simd: crate::Simd) -> f32 {
     assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
@@ -108,7 +109,8 @@ pub(crate) fn dot_f32(a: &[f32], b: &[f32], simd: crate::Simd) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// `y += alpha·x` (AVX2 when available).
+/// `y += alpha·x` (AVX2 when available); attention inlines the AVX2 version.
+#[cfg(test)]
 pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32], simd: crate::Simd) {
     assert_eq!(x.len(), y.len());
     #[cfg(target_arch = "x86_64")]
@@ -123,7 +125,7 @@ pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32], simd: crate::Simd) {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // blocks index the weight row and every activation row
-mod avx2 {
+pub(crate) mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
@@ -295,8 +297,11 @@ mod avx2 {
         s
     }
 
+    /// # Safety
+    /// AVX2/FMA present; `a.len() == b.len()`.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    pub(crate) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len();
         let mut acc = _mm256_setzero_ps();
         let mut i = 0;
@@ -319,8 +324,11 @@ mod avx2 {
         s
     }
 
+    /// # Safety
+    /// AVX2/FMA present; `x.len() == y.len()`.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    pub(crate) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
         let n = x.len();
         let av = _mm256_set1_ps(alpha);
         let mut i = 0;

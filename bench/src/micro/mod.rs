@@ -1,6 +1,7 @@
 //! Micro suites.
 
 mod disk;
+mod engine;
 mod host;
 mod index;
 
@@ -14,6 +15,9 @@ pub enum Suite {
     /// G3 disk tier against fio: sequential writes, random reads, recovery, write
     /// amplification.
     Disk,
+    /// The engine against llama.cpp's llama-bench: prefill (pp512) and decode (tg128)
+    /// tokens/s on the same GGUF file and thread count.
+    Engine,
 }
 
 /// One figure.
@@ -41,10 +45,12 @@ pub fn run(
     suite: Suite,
     quick: bool,
     dir: Option<std::path::PathBuf>,
+    threads: Option<usize>,
 ) -> anyhow::Result<Vec<Figure>> {
     match suite {
         Suite::Index => index::run(quick),
         Suite::Host => host::run(quick),
         Suite::Disk => disk::run(quick, dir),
+        Suite::Engine => engine::run(quick, threads),
     }
 }
