@@ -43,7 +43,12 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Micro { suite, quick, dir, threads } => {
+        Cmd::Micro {
+            suite,
+            quick,
+            dir,
+            threads,
+        } => {
             let results = micro::run(suite, quick, dir, threads)?;
             for r in results {
                 println!("RESULT {} {} {}", r.name, r.value, r.unit);

@@ -77,7 +77,11 @@ pub fn paged_attention(
     let group = n_heads / n_kv_heads;
     // Decode has few (token, kv head) pairs: split groups into single heads so every thread
     // has work; prefill keeps a group together so each K/V row is read once for the group.
-    let per_job = if n * n_kv_heads >= 4 * rayon::current_num_threads() { group } else { 1 };
+    let per_job = if n * n_kv_heads >= 4 * rayon::current_num_threads() {
+        group
+    } else {
+        1
+    };
     let jobs_per_kv = group / per_job;
     let job = Job {
         q,
@@ -91,21 +95,27 @@ pub fn paged_attention(
         out: SharedOut(out.as_mut_ptr()),
     };
     let simd = crate::simd();
-    (0..n * n_kv_heads * jobs_per_kv).into_par_iter().for_each(|j| {
-        let i = j / (n_kv_heads * jobs_per_kv);
-        let kvh = j / jobs_per_kv % n_kv_heads;
-        let g0 = j % jobs_per_kv * per_job;
-        #[cfg(target_arch = "x86_64")]
-        if simd == crate::Simd::Avx2 {
-            // SAFETY: simd() found AVX2/FMA on this CPU.
-            unsafe { job.run_avx2(i, kvh, g0..g0 + per_job) };
-            return;
-        }
-        let _ = simd;
-        job.run(i, kvh, g0..g0 + per_job, |a, b| a.iter().zip(b).map(|(x, y)| x * y).sum(), |s, x, y| {
-            y.iter_mut().zip(x).for_each(|(o, v)| *o += s * v)
+    (0..n * n_kv_heads * jobs_per_kv)
+        .into_par_iter()
+        .for_each(|j| {
+            let i = j / (n_kv_heads * jobs_per_kv);
+            let kvh = j / jobs_per_kv % n_kv_heads;
+            let g0 = j % jobs_per_kv * per_job;
+            #[cfg(target_arch = "x86_64")]
+            if simd == crate::Simd::Avx2 {
+                // SAFETY: simd() found AVX2/FMA on this CPU.
+                unsafe { job.run_avx2(i, kvh, g0..g0 + per_job) };
+                return;
+            }
+            let _ = simd;
+            job.run(
+                i,
+                kvh,
+                g0..g0 + per_job,
+                |a, b| a.iter().zip(b).map(|(x, y)| x * y).sum(),
+                |s, x, y| y.iter_mut().zip(x).for_each(|(o, v)| *o += s * v),
+            );
         });
-    });
     Ok(())
 }
 

@@ -7,27 +7,50 @@
 
 use crate::quant::{DType, QAct, QK, bf16_at, f16_at, f32_at};
 
-/// A quantized row against `N` activation rows at once (N = 1 or 4).
-pub(crate) type QDotFn<const N: usize> = fn(&[u8], [&[QAct]; N]) -> [f32; N];
+/// `R` quantized weight rows against `N` activation rows at once: `out[r][k]`.
+pub(crate) type QDotFn<const R: usize, const N: usize> =
+    fn([&[u8]; R], [&[QAct]; N]) -> [[f32; N]; R];
 /// A float-encoded row against float activations.
 pub(crate) type FDotFn = fn(&[u8], &[f32]) -> f32;
 
+/// Encoding of a quantized kernel: 0 = Q8_0, 1 = Q4_0, 2 = Q4_1.
+const fn kind(ty: DType) -> usize {
+    match ty {
+        DType::Q8_0 => 0,
+        DType::Q4_0 => 1,
+        _ => 2,
+    }
+}
+
 /// Picks the quantized dot product for `ty` on this CPU.
-pub(crate) fn qdot<const N: usize>(ty: DType, simd: crate::Simd) -> QDotFn<N> {
+pub(crate) fn qdot<const R: usize, const N: usize>(ty: DType, simd: crate::Simd) -> QDotFn<R, N> {
     #[cfg(target_arch = "x86_64")]
     if simd == crate::Simd::Avx2 {
-        return match ty {
-            DType::Q8_0 => avx2::q8_0::<N>,
-            DType::Q4_0 => avx2::q4::<N, false>,
-            _ => avx2::q4::<N, true>,
+        return match kind(ty) {
+            0 => avx2::qdot::<R, N, 0>,
+            1 => avx2::qdot::<R, N, 1>,
+            _ => avx2::qdot::<R, N, 2>,
         };
     }
     let _ = simd;
-    match ty {
-        DType::Q8_0 => scalar_q8_0::<N>,
-        DType::Q4_0 => scalar_q4::<N, false>,
-        _ => scalar_q4::<N, true>,
+    match kind(ty) {
+        0 => scalar_rows::<R, N, 0>,
+        1 => scalar_rows::<R, N, 1>,
+        _ => scalar_rows::<R, N, 2>,
     }
+}
+
+fn scalar_rows<const R: usize, const N: usize, const KIND: usize>(
+    w: [&[u8]; R],
+    a: [&[QAct]; N],
+) -> [[f32; N]; R] {
+    w.map(|row| {
+        if KIND == 0 {
+            scalar_q8_0(row, a)
+        } else {
+            scalar_q4::<N>(row, a, KIND == 2)
+        }
+    })
 }
 
 /// Picks the float dot product for `ty` on this CPU.
@@ -73,16 +96,16 @@ fn scalar_q8_0<const N: usize>(w: &[u8], a: [&[QAct]; N]) -> [f32; N] {
     out
 }
 
-/// Q4_1 (`MIN = true`) or Q4_0 (`MIN = false`).
-fn scalar_q4<const N: usize, const MIN: bool>(w: &[u8], a: [&[QAct]; N]) -> [f32; N] {
-    let (hdr, bb) = if MIN { (4, 20) } else { (2, 18) };
+/// Q4_1 (`min`) or Q4_0.
+fn scalar_q4<const N: usize>(w: &[u8], a: [&[QAct]; N], min: bool) -> [f32; N] {
+    let (hdr, bb) = if min { (4, 20) } else { (2, 18) };
     let nb = a[0].len();
     assert!(w.len() >= nb * bb && a.iter().all(|r| r.len() == nb));
     let mut out = [0f32; N];
     for b in 0..nb {
         let blk = &w[b * bb..b * bb + bb];
         let d = f16_at(blk, 0);
-        let m = if MIN { f16_at(blk, 2) } else { -8.0 * d };
+        let m = if min { f16_at(blk, 2) } else { -8.0 * d };
         for (o, r) in out.iter_mut().zip(a) {
             let mut isum = 0i32;
             for j in 0..16 {
@@ -146,42 +169,63 @@ pub(crate) mod avx2 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
     }
 
-    pub(super) fn q4<const N: usize, const MIN: bool>(w: &[u8], a: [&[QAct]; N]) -> [f32; N] {
-        let bb = if MIN { 20 } else { 18 };
+    pub(super) fn qdot<const R: usize, const N: usize, const KIND: usize>(
+        w: [&[u8]; R],
+        a: [&[QAct]; N],
+    ) -> [[f32; N]; R] {
+        let bb = [34, 18, 20][KIND];
         let nb = a[0].len();
-        assert!(w.len() >= nb * bb && a.iter().all(|r| r.len() == nb));
-        // SAFETY: this function is only handed out by qdot() after simd() found AVX2, FMA and
-        // F16C; the asserts above keep every load inside `w` and the activation rows.
-        unsafe { q4_impl::<N, MIN>(w, a) }
+        assert!(w.iter().all(|r| r.len() >= nb * bb) && a.iter().all(|r| r.len() == nb));
+        // SAFETY: handed out by qdot() only after simd() found AVX2, FMA and F16C; the
+        // assert keeps every load inside the weight rows and the activation rows.
+        unsafe { qdot_impl::<R, N, KIND>(w, a) }
+    }
+
+    /// The weight block `b` of a row as 32 i16 (two halves) with its scale and offset
+    /// (`m`: Q4_1's minimum, Q4_0's −8·d, 0 for Q8_0).
+    ///
+    /// # Safety
+    /// AVX2/F16C present; the row holds at least `b + 1` blocks.
+    #[inline(always)]
+    unsafe fn unpack<const KIND: usize>(row: &[u8], b: usize) -> (__m256i, __m256i, f32, f32) {
+        let bb = [34, 18, 20][KIND];
+        // SAFETY: the caller guarantees block b lies inside the row.
+        unsafe {
+            let p = row.as_ptr().add(b * bb);
+            let d = h2f(u16::from_le_bytes([*p, *p.add(1)]));
+            if KIND == 0 {
+                let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(2) as *const __m128i));
+                let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(18) as *const __m128i));
+                (w0, w1, d, 0.0)
+            } else {
+                let hdr = if KIND == 2 { 4 } else { 2 };
+                let m = if KIND == 2 {
+                    h2f(u16::from_le_bytes([*p.add(2), *p.add(3)]))
+                } else {
+                    -8.0 * d
+                };
+                let q = _mm_loadu_si128(p.add(hdr) as *const __m128i);
+                let mask = _mm_set1_epi8(0x0F);
+                // Elements 0..16 are the low nibbles, 16..32 the high ones; widened to i16.
+                let w0 = _mm256_cvtepu8_epi16(_mm_and_si128(q, mask));
+                let w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(q), mask));
+                (w0, w1, d, m)
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_impl<const N: usize, const MIN: bool>(w: &[u8], a: [&[QAct]; N]) -> [f32; N] {
-        let (hdr, bb) = if MIN { (4, 20) } else { (2, 18) };
+    unsafe fn qdot_impl<const R: usize, const N: usize, const KIND: usize>(
+        w: [&[u8]; R],
+        a: [&[QAct]; N],
+    ) -> [[f32; N]; R] {
         let nb = a[0].len();
-        let mask = _mm_set1_epi8(0x0F);
-        let mut acc = [_mm256_setzero_ps(); N];
-        let mut off = [0f32; N];
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
+        let mut off = [[0f32; N]; R];
         for b in 0..nb {
-            // SAFETY: b < nb and w.len() >= nb*bb (checked by the caller): the block is in bounds.
-            let p = unsafe { w.as_ptr().add(b * bb) };
-            // SAFETY: as above, the 2- and 16-byte reads lie inside the block.
-            let (dbits, mbits, q) = unsafe {
-                (
-                    u16::from_le_bytes([*p, *p.add(1)]),
-                    if MIN {
-                        u16::from_le_bytes([*p.add(2), *p.add(3)])
-                    } else {
-                        0
-                    },
-                    _mm_loadu_si128(p.add(hdr) as *const __m128i),
-                )
-            };
-            let d = h2f(dbits);
-            let m = if MIN { h2f(mbits) } else { -8.0 * d };
-            // Elements 0..16 are the low nibbles, 16..32 the high ones; widened to i16.
-            let w0 = _mm256_cvtepu8_epi16(_mm_and_si128(q, mask));
-            let w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(q), mask));
+            // SAFETY: qdot() checked that every row holds nb blocks.
+            let wb: [(__m256i, __m256i, f32, f32); R] =
+                std::array::from_fn(|r| unsafe { unpack::<KIND>(w[r], b) });
             for k in 0..N {
                 let blk = &a[k][b];
                 // SAFETY: qs is 32 i16 = two 32-byte loads.
@@ -189,57 +233,26 @@ pub(crate) mod avx2 {
                     let yp = blk.qs.as_ptr() as *const __m256i;
                     (_mm256_loadu_si256(yp), _mm256_loadu_si256(yp.add(1)))
                 };
-                let p32 = _mm256_add_epi32(_mm256_madd_epi16(w0, y0), _mm256_madd_epi16(w1, y1));
-                acc[k] =
-                    _mm256_fmadd_ps(_mm256_set1_ps(d * blk.d), _mm256_cvtepi32_ps(p32), acc[k]);
-                off[k] += m * blk.s;
+                for r in 0..R {
+                    let (w0, w1, d, m) = wb[r];
+                    let p32 =
+                        _mm256_add_epi32(_mm256_madd_epi16(w0, y0), _mm256_madd_epi16(w1, y1));
+                    acc[r][k] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(d * blk.d),
+                        _mm256_cvtepi32_ps(p32),
+                        acc[r][k],
+                    );
+                    if KIND != 0 {
+                        off[r][k] += m * blk.s;
+                    }
+                }
             }
         }
-        let mut out = [0f32; N];
-        for k in 0..N {
-            out[k] = hsum(acc[k]) + off[k];
-        }
-        out
-    }
-
-    pub(super) fn q8_0<const N: usize>(w: &[u8], a: [&[QAct]; N]) -> [f32; N] {
-        let nb = a[0].len();
-        assert!(w.len() >= nb * 34 && a.iter().all(|r| r.len() == nb));
-        // SAFETY: handed out by qdot() only after simd() found AVX2/FMA/F16C; the assert
-        // keeps all loads in bounds.
-        unsafe { q8_0_impl::<N>(w, a) }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_impl<const N: usize>(w: &[u8], a: [&[QAct]; N]) -> [f32; N] {
-        let nb = a[0].len();
-        let mut acc = [_mm256_setzero_ps(); N];
-        for b in 0..nb {
-            // SAFETY: b < nb and w.len() >= nb*34: the 34-byte block is in bounds.
-            let (dbits, w0, w1) = unsafe {
-                let p = w.as_ptr().add(b * 34);
-                (
-                    u16::from_le_bytes([*p, *p.add(1)]),
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(2) as *const __m128i)),
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(18) as *const __m128i)),
-                )
-            };
-            let d = h2f(dbits);
+        let mut out = [[0f32; N]; R];
+        for r in 0..R {
             for k in 0..N {
-                let blk = &a[k][b];
-                // SAFETY: qs is 32 i16 = two 32-byte loads.
-                let (y0, y1) = unsafe {
-                    let yp = blk.qs.as_ptr() as *const __m256i;
-                    (_mm256_loadu_si256(yp), _mm256_loadu_si256(yp.add(1)))
-                };
-                let p32 = _mm256_add_epi32(_mm256_madd_epi16(w0, y0), _mm256_madd_epi16(w1, y1));
-                acc[k] =
-                    _mm256_fmadd_ps(_mm256_set1_ps(d * blk.d), _mm256_cvtepi32_ps(p32), acc[k]);
+                out[r][k] = hsum(acc[r][k]) + off[r][k];
             }
-        }
-        let mut out = [0f32; N];
-        for k in 0..N {
-            out[k] = hsum(acc[k]);
         }
         out
     }
@@ -385,23 +398,28 @@ mod tests {
                         q
                     })
                     .collect();
+                let w2 = quantize_row(ty, &randv(seed + 50, cols, 1.0)).unwrap();
                 for simd in [Simd::Scalar, crate::simd()] {
-                    let one = qdot::<1>(ty, simd);
-                    let four = qdot::<4>(ty, simd);
-                    let got4 = four(&w, [&acts[0], &acts[1], &acts[2], &acts[3]]);
+                    let one = qdot::<1, 1>(ty, simd);
+                    let tile = qdot::<2, 4>(ty, simd);
+                    let t = tile([&w, &w2], [&acts[0], &acts[1], &acts[2], &acts[3]]);
                     for k in 0..4 {
                         let want = reference(ty, &w, &acts[k], cols);
-                        let got1 = one(&w, [&acts[k]])[0];
+                        let want2 = reference(ty, &w2, &acts[k], cols);
+                        let got1 = one([&w], [&acts[k]])[0][0];
+                        let got4 = [t[0][k], t[1][k]];
                         let tol = 1e-4 * (1.0 + want.abs());
                         assert!(
                             (f64::from(got1) - want).abs() < tol,
                             "{ty:?} {simd:?}: {got1} vs {want}"
                         );
-                        assert!(
-                            (f64::from(got4[k]) - want).abs() < tol,
-                            "{ty:?} {simd:?} x4: {} vs {want}",
-                            got4[k]
-                        );
+                        for (got, want) in got4.into_iter().zip([want, want2]) {
+                            let tol = 1e-4 * (1.0 + want.abs());
+                            assert!(
+                                (f64::from(got) - want).abs() < tol,
+                                "{ty:?} {simd:?} 2x4 tile: {got} vs {want}"
+                            );
+                        }
                     }
                 }
             }

@@ -87,28 +87,46 @@ pub fn matmul(w: &WeightMatrix<'_>, x: &[f32], n: usize, out: &mut [f32]) {
         } else {
             quantize_act(x, &mut act);
         }
-        let dot1 = qdot::<1>(w.ty, simd);
-        let dot4 = qdot::<4>(w.ty, simd);
+        let dot11 = qdot::<1, 1>(w.ty, simd);
+        let dot14 = qdot::<1, 4>(w.ty, simd);
+        let dot21 = qdot::<2, 1>(w.ty, simd);
+        let dot24 = qdot::<2, 4>(w.ty, simd);
         (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
             let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(rows));
             let a = |t: usize| &act[t * nb..(t + 1) * nb];
+            // SAFETY (for every write below): this task alone writes rows r0..r1 of each
+            // output row of `out` (n × rows, alive for the whole parallel section).
+            let put = |t: usize, r: usize, v: f32| unsafe { dst.write(t * rows + r, v) };
             let mut t = 0;
             while t + 4 <= n {
-                for r in r0..r1 {
-                    let v = dot4(w.row(r), [a(t), a(t + 1), a(t + 2), a(t + 3)]);
-                    for (k, vk) in v.iter().enumerate() {
-                        // SAFETY: this task alone writes column range r0..r1 of `out`
-                        // (n × rows, alive for the whole parallel section); (t+k, r) is inside.
-                        unsafe { dst.write((t + k) * rows + r, *vk) };
+                let at = [a(t), a(t + 1), a(t + 2), a(t + 3)];
+                let mut r = r0;
+                while r + 2 <= r1 {
+                    let v = dot24([w.row(r), w.row(r + 1)], at);
+                    for k in 0..4 {
+                        put(t + k, r, v[0][k]);
+                        put(t + k, r + 1, v[1][k]);
+                    }
+                    r += 2;
+                }
+                if r < r1 {
+                    let v = dot14([w.row(r)], at);
+                    for k in 0..4 {
+                        put(t + k, r, v[0][k]);
                     }
                 }
                 t += 4;
             }
             for t in t..n {
-                for r in r0..r1 {
-                    let v = dot1(w.row(r), [a(t)])[0];
-                    // SAFETY: as above: disjoint columns per task, index in bounds.
-                    unsafe { dst.write(t * rows + r, v) };
+                let mut r = r0;
+                while r + 2 <= r1 {
+                    let v = dot21([w.row(r), w.row(r + 1)], [a(t)]);
+                    put(t, r, v[0][0]);
+                    put(t, r + 1, v[1][0]);
+                    r += 2;
+                }
+                if r < r1 {
+                    put(t, r, dot11([w.row(r)], [a(t)])[0][0]);
                 }
             }
         });

@@ -80,21 +80,82 @@ pub struct QAct {
     pub s: f32,
 }
 
-/// Quantizes `x` (a whole number of blocks) into `out`.
+/// Quantizes `x` (a whole number of blocks) into `out` (AVX2 when available).
 pub fn quantize_act(x: &[f32], out: &mut [QAct]) {
     assert_eq!(x.len(), out.len() * QK, "quantize_act: length mismatch");
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd() == crate::Simd::Avx2 {
+        // SAFETY: AVX2 is present; the lengths match (asserted).
+        unsafe { quantize_act_avx2(x, out) };
+        return;
+    }
+    quantize_act_scalar(x, out);
+}
+
+fn quantize_act_scalar(x: &[f32], out: &mut [QAct]) {
     for (blk, o) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / QACT_MAX;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, v) in o.qs.iter_mut().zip(blk) {
-            let r = (v * id).round() as i32;
+            // Round half to even, as the AVX2 path's cvtps2dq does.
+            let r = (v * id).round_ties_even() as i32;
             *q = r.clamp(-32767, 32767) as i16;
             sum += i32::from(*q);
         }
         o.d = d;
         o.s = d * sum as f32;
+    }
+}
+
+/// # Safety
+/// AVX2 present; `x.len() == out.len() * QK`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_act_avx2(x: &[f32], out: &mut [QAct]) {
+    use std::arch::x86_64::*;
+    let sign = _mm256_set1_ps(-0.0);
+    for (b, o) in out.iter_mut().enumerate() {
+        // SAFETY: block b's 32 floats are inside x (x.len() == out.len() * 32).
+        let v: [__m256; 4] = unsafe {
+            let p = x.as_ptr().add(b * QK);
+            [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ]
+        };
+        let mut m = _mm256_andnot_ps(sign, v[0]);
+        for vi in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vi));
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+        let d = amax / QACT_MAX;
+        let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        // |v·id| <= 32767: the conversions cannot saturate.
+        let i: [__m256i; 4] = [0, 1, 2, 3].map(|k| _mm256_cvtps_epi32(_mm256_mul_ps(v[k], id)));
+        let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let s4 = _mm_add_epi32(
+            _mm256_castsi256_si128(sum),
+            _mm256_extracti128_si256::<1>(sum),
+        );
+        let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32::<0b01_00_11_10>(s4));
+        let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<0b10_11_00_01>(s2));
+        // packs works per 128-bit lane: fix the order with a 64-bit permute.
+        let p01 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(i[0], i[1]));
+        let p23 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(i[2], i[3]));
+        // SAFETY: qs is 32 i16 = two 32-byte stores.
+        unsafe {
+            let qp = o.qs.as_mut_ptr() as *mut __m256i;
+            _mm256_storeu_si256(qp, p01);
+            _mm256_storeu_si256(qp.add(1), p23);
+        }
+        o.d = d;
+        o.s = d * _mm_cvtsi128_si32(s1) as f32;
     }
 }
 
@@ -245,6 +306,20 @@ mod tests {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
             assert!(err <= tol + 1e-6, "{ty:?}: max error {err} over {tol}");
+        }
+    }
+
+    #[test]
+    fn simd_and_scalar_activation_quantization_agree() {
+        let x = randv(13, 32 * 16, 7.0);
+        let mut a = vec![QAct::default(); 16];
+        let mut b = vec![QAct::default(); 16];
+        quantize_act(&x, &mut a);
+        quantize_act_scalar(&x, &mut b);
+        for (p, q) in a.iter().zip(&b) {
+            assert_eq!(p.qs, q.qs);
+            assert_eq!(p.d, q.d);
+            assert!((p.s - q.s).abs() <= 1e-6 * p.s.abs().max(1.0));
         }
     }
 

@@ -24,7 +24,10 @@ fn repo() -> PathBuf {
 /// Builds (once) and returns llama.cpp's `llama-bench`.
 fn llama_bench() -> anyhow::Result<PathBuf> {
     let script = repo().join("bench/scripts/build-llamacpp.sh");
-    eprintln!("engine: building llama.cpp with {} (first run only; takes minutes)", script.display());
+    eprintln!(
+        "engine: building llama.cpp with {} (first run only; takes minutes)",
+        script.display()
+    );
     let out = Command::new("bash")
         .arg(&script)
         .stderr(std::process::Stdio::inherit())
@@ -42,15 +45,36 @@ fn llama_bench() -> anyhow::Result<PathBuf> {
 }
 
 /// llama-bench's mean tokens/s for pp`pp` and tg`tg`.
-fn run_llama(bin: &Path, model: &Path, threads: usize, pp: usize, tg: usize, reps: usize) -> anyhow::Result<(f64, f64)> {
+fn run_llama(
+    bin: &Path,
+    model: &Path,
+    threads: usize,
+    pp: usize,
+    tg: usize,
+    reps: usize,
+) -> anyhow::Result<(f64, f64)> {
     let out = Command::new(bin)
         .arg("-m")
         .arg(model)
-        .args(["-t", &threads.to_string(), "-p", &pp.to_string(), "-n", &tg.to_string(), "-r", &reps.to_string(), "-o", "json"])
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-p",
+            &pp.to_string(),
+            "-n",
+            &tg.to_string(),
+            "-r",
+            &reps.to_string(),
+            "-o",
+            "json",
+        ])
         .output()
         .context("running llama-bench")?;
     if !out.status.success() {
-        bail!("llama-bench failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "llama-bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("llama-bench JSON")?;
     let mut pp_ts = None;
@@ -64,7 +88,10 @@ fn run_llama(bin: &Path, model: &Path, threads: usize, pp: usize, tg: usize, rep
             tg_ts = ts;
         }
     }
-    Ok((pp_ts.context("no pp result from llama-bench")?, tg_ts.context("no tg result from llama-bench")?))
+    Ok((
+        pp_ts.context("no pp result from llama-bench")?,
+        tg_ts.context("no tg result from llama-bench")?,
+    ))
 }
 
 /// Strata's mean tokens/s for the same two tests.
@@ -72,20 +99,24 @@ fn run_strata(e: &Engine, pp: usize, tg: usize, reps: usize) -> anyhow::Result<(
     let cfg = &e.model.config;
     let mut pool = KvPool::new(cfg, 64, (pp.max(tg) + 64).div_ceil(64) + 1)?;
     let mut rng = Rng(0x5eed);
-    let mut tokens = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.below(cfg.vocab as u64) as u32).collect() };
+    let mut tokens =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| rng.below(cfg.vocab as u64) as u32).collect() };
     let (mut pp_rates, mut tg_rates) = (Vec::new(), Vec::new());
     // One warm-up of each, as llama-bench does.
     for rep in 0..=reps {
         let prompt = tokens(pp);
         let mut seq = Sequence::new();
         let t0 = Instant::now();
-        e.model.forward(&mut pool, &mut seq, &prompt, Logits::Last)?;
+        e.model
+            .forward(&mut pool, &mut seq, &prompt, Logits::Last)?;
         let pp_s = t0.elapsed().as_secs_f64();
         pool.release(&mut seq);
         let mut next = tokens(1)[0];
         let t1 = Instant::now();
         for _ in 0..tg {
-            let logits = e.model.forward(&mut pool, &mut seq, &[next], Logits::Last)?;
+            let logits = e
+                .model
+                .forward(&mut pool, &mut seq, &[next], Logits::Last)?;
             next = strata_engine::sampler::argmax(&logits);
         }
         let tg_s = t1.elapsed().as_secs_f64();
@@ -94,24 +125,35 @@ fn run_strata(e: &Engine, pp: usize, tg: usize, reps: usize) -> anyhow::Result<(
             pp_rates.push(pp as f64 / pp_s);
             tg_rates.push(tg as f64 / tg_s);
         }
-        eprintln!("engine: strata round {rep}: pp{pp} {:.1} tokens/s, tg{tg} {:.1} tokens/s", pp as f64 / pp_s, tg as f64 / tg_s);
+        eprintln!(
+            "engine: strata round {rep}: pp{pp} {:.1} tokens/s, tg{tg} {:.1} tokens/s",
+            pp as f64 / pp_s,
+            tg as f64 / tg_s
+        );
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     Ok((mean(&pp_rates), mean(&tg_rates)))
 }
 
 pub fn run(quick: bool, threads: Option<usize>) -> anyhow::Result<Vec<Figure>> {
-    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     strata_kernels::init_threads(threads)?;
     let model = strata_engine::fetch::default_model_in(&repo().join("models"))?;
     let (pp, tg, reps) = if quick { (128, 32, 1) } else { (512, 128, 3) };
     let bin = llama_bench()?;
     let engine = Engine::load(&model)?;
-    eprintln!("engine: {} on {threads} threads ({:?} kernels), pp{pp} tg{tg}, {reps} repetitions", model.display(), strata_kernels::simd());
+    eprintln!(
+        "engine: {} on {threads} threads ({:?} kernels), pp{pp} tg{tg}, {reps} repetitions",
+        model.display(),
+        strata_kernels::simd()
+    );
     let (s_pp, s_tg) = run_strata(&engine, pp, tg, reps)?;
     eprintln!("engine: llama-bench -t {threads} -p {pp} -n {tg} -r {reps}");
     let (l_pp, l_tg) = run_llama(&bin, &model, threads, pp, tg, reps)?;
-    eprintln!("engine: prefill {s_pp:.1} vs {l_pp:.1} tokens/s, decode {s_tg:.1} vs {l_tg:.1} tokens/s (strata vs llama.cpp)");
+    eprintln!(
+        "engine: prefill {s_pp:.1} vs {l_pp:.1} tokens/s, decode {s_tg:.1} vs {l_tg:.1} tokens/s (strata vs llama.cpp)"
+    );
     Ok(vec![
         Figure::new("engine.prefill_vs_llamacpp", s_pp / l_pp, 2, "x"),
         Figure::new("engine.decode_vs_llamacpp", s_tg / l_tg, 2, "x"),
