@@ -185,7 +185,7 @@ fi
     -DLLAMA_BUILD_NUMBER="$LLAMA_BUILD_NUMBER" -DLLAMA_BUILD_COMMIT="b$LLAMA_BUILD_NUMBER" \
     >"$cache/configure.log" 2>&1 \
     || { tail -n 40 "$cache/configure.log" >&2; die "cmake configure failed; full log: $cache/configure.log"; }
-grep -E "CMAKE_BUILD_TYPE|Including CPU backend|Adding CPU backend variant|GGML_NATIVE|OpenMP found" \
+grep -E "CMAKE_BUILD_TYPE|Including CPU backend|Adding CPU backend variant|GGML_NATIVE|Found OpenMP:" \
     "$cache/configure.log" | sed 's/^/build-llamacpp:       /' >&2 || true
 
 # --- step 5: compile --------------------------------------------------------------------

@@ -527,6 +527,20 @@ impl Model {
         tokens: &[u32],
         want: Logits,
     ) -> Result<Vec<f32>, EngineError> {
+        // Run the whole pass on a pool thread: the kernels' parallel loops then start from
+        // inside the pool instead of each handing work over from an outside thread.
+        let mut result = None;
+        rayon::scope(|_| result = Some(self.forward_inner(pool, seq, tokens, want)));
+        result.expect("rayon::scope runs its closure")
+    }
+
+    fn forward_inner(
+        &self,
+        pool: &mut KvPool,
+        seq: &mut Sequence,
+        tokens: &[u32],
+        want: Logits,
+    ) -> Result<Vec<f32>, EngineError> {
         let c = &self.config;
         let n = tokens.len();
         if n == 0 {

@@ -204,11 +204,11 @@ pub(crate) mod avx2 {
                 } else {
                     -8.0 * d
                 };
-                let q = _mm_loadu_si128(p.add(hdr) as *const __m128i);
-                let mask = _mm_set1_epi8(0x0F);
-                // Elements 0..16 are the low nibbles, 16..32 the high ones; widened to i16.
-                let w0 = _mm256_cvtepu8_epi16(_mm_and_si128(q, mask));
-                let w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(q), mask));
+                // Widen the 16 bytes to u16 once; elements 0..16 are the low nibbles, 16..32
+                // the high ones (the widened lanes' upper byte is zero, so a shift is enough).
+                let q = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.add(hdr) as *const __m128i));
+                let w0 = _mm256_and_si256(q, _mm256_set1_epi16(0x0F));
+                let w1 = _mm256_srli_epi16::<4>(q);
                 (w0, w1, d, m)
             }
         }
