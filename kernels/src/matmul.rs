@@ -90,6 +90,7 @@ pub fn matmul(w: &WeightMatrix<'_>, x: &[f32], n: usize, out: &mut [f32]) {
         let dot11 = qdot::<1, 1>(w.ty, simd);
         let dot14 = qdot::<1, 4>(w.ty, simd);
         let dot21 = qdot::<2, 1>(w.ty, simd);
+        let dot41 = qdot::<4, 1>(w.ty, simd);
         let dot24 = qdot::<2, 4>(w.ty, simd);
         (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
             let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(rows));
@@ -119,6 +120,13 @@ pub fn matmul(w: &WeightMatrix<'_>, x: &[f32], n: usize, out: &mut [f32]) {
             }
             for t in t..n {
                 let mut r = r0;
+                while r + 4 <= r1 {
+                    let v = dot41([w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)], [a(t)]);
+                    for (j, vj) in v.iter().enumerate() {
+                        put(t, r + j, vj[0]);
+                    }
+                    r += 4;
+                }
                 while r + 2 <= r1 {
                     let v = dot21([w.row(r), w.row(r + 1)], [a(t)]);
                     put(t, r, v[0][0]);
