@@ -8,7 +8,9 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 use strata_cache_core::{KvDtype, KvLayout, KvShape, Namespace, TpShape};
 use strata_kernels::ops::{Rope, add_inplace, rmsnorm_rows_inplace, silu_mul};
-use strata_kernels::{AttnShape, DType, RopeLayout, WeightMatrix, matmul, paged_attention};
+use strata_kernels::{
+    AttnShape, DType, RopeLayout, WeightMatrix, matmul, matmul_many, paged_attention,
+};
 
 use crate::EngineError;
 use crate::gguf::{GgufFile, Value};
@@ -589,9 +591,12 @@ impl Model {
         for (li, l) in self.layers.iter().enumerate() {
             xn.copy_from_slice(&x);
             rmsnorm_rows_inplace(&mut xn, &l.attn_norm, c.rms_eps);
-            matmul(&l.wq.view(), &xn, n, &mut q);
-            matmul(&l.wk.view(), &xn, n, &mut k);
-            matmul(&l.wv.view(), &xn, n, &mut v);
+            matmul_many(
+                &[&l.wq.view(), &l.wk.view(), &l.wv.view()],
+                &xn,
+                n,
+                &mut [&mut q, &mut k, &mut v],
+            );
             for (buf, b) in [(&mut q, &l.bq), (&mut k, &l.bk), (&mut v, &l.bv)] {
                 if let Some(b) = b {
                     buf.chunks_exact_mut(b.len())
@@ -616,8 +621,12 @@ impl Model {
             add_inplace(&mut x, &xn);
             xn.copy_from_slice(&x);
             rmsnorm_rows_inplace(&mut xn, &l.ffn_norm, c.rms_eps);
-            matmul(&l.w_gate.view(), &xn, n, &mut gate);
-            matmul(&l.w_up.view(), &xn, n, &mut up);
+            matmul_many(
+                &[&l.w_gate.view(), &l.w_up.view()],
+                &xn,
+                n,
+                &mut [&mut gate, &mut up],
+            );
             gate.par_chunks_mut(c.ffn)
                 .zip(up.par_chunks(c.ffn))
                 .for_each(|(g, u)| silu_mul(g, u));

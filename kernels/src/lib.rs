@@ -29,7 +29,7 @@ pub mod ops;
 pub mod quant;
 
 pub use attention::{AttnShape, paged_attention};
-pub use matmul::{WeightMatrix, matmul};
+pub use matmul::{WeightMatrix, matmul, matmul_many};
 pub use ops::RopeLayout;
 pub use quant::{DType, QAct};
 
