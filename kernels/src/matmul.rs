@@ -143,8 +143,9 @@ fn quantized_rows(
     let dot41 = qdot::<4, 1>(w.ty, simd);
     let dot24 = qdot::<2, 4>(w.ty, simd);
     let a = |t: usize| &act[t * nb..(t + 1) * nb];
-    // SAFETY (for every write below): the calling task alone writes rows r0..r1 of each
-    // output row of this matrix's output (n × rows, alive for the whole parallel section).
+    // SAFETY: the calling task alone writes rows r0..r1 of each output row of this
+    // matrix's output (n × rows, alive for the whole parallel section); callers pass
+    // t < n and r0 <= r < r1 <= rows.
     let put = |t: usize, r: usize, v: f32| unsafe { dst.write(t * rows + r, v) };
     let mut t = 0;
     while t + 4 <= n {
@@ -152,16 +153,16 @@ fn quantized_rows(
         let mut r = r0;
         while r + 2 <= r1 {
             let v = dot24([w.row(r), w.row(r + 1)], at);
-            for k in 0..4 {
-                put(t + k, r, v[0][k]);
-                put(t + k, r + 1, v[1][k]);
+            for (k, (v0, v1)) in v[0].iter().zip(&v[1]).enumerate() {
+                put(t + k, r, *v0);
+                put(t + k, r + 1, *v1);
             }
             r += 2;
         }
         if r < r1 {
             let v = dot14([w.row(r)], at);
-            for k in 0..4 {
-                put(t + k, r, v[0][k]);
+            for (k, v0) in v[0].iter().enumerate() {
+                put(t + k, r, *v0);
             }
         }
         t += 4;
