@@ -91,14 +91,22 @@ pub struct GgufFile {
     pub metadata: HashMap<String, Value>,
     /// Tensor name → directory entry.
     pub tensors: HashMap<String, TensorInfo>,
+    /// Tensors of encodings the engine cannot compute with: name → ggml type id. A model
+    /// that needs one fails to load with its name.
+    pub unsupported: HashMap<String, u32>,
 }
 
 const MAX_STRING: u64 = 1 << 30;
 const MAX_ARRAY: u64 = 1 << 28;
 
+/// Most array elements in one file's metadata (a 256k vocabulary has three arrays of
+/// 256k): bounds the memory a hostile file can make the parser allocate.
+const MAX_ARRAY_ELEMENTS: u64 = 1 << 23;
+
 struct Cursor<'a> {
     b: &'a [u8],
     pos: usize,
+    array_elements: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -160,8 +168,11 @@ impl<'a> Cursor<'a> {
                 }
                 let ety = self.u32()?;
                 let n = self.u64()?;
-                if n > MAX_ARRAY {
-                    return Err(EngineError::Format(format!("GGUF: array of {n} items")));
+                self.array_elements = self.array_elements.saturating_add(n);
+                if n > MAX_ARRAY || self.array_elements > MAX_ARRAY_ELEMENTS {
+                    return Err(EngineError::Format(format!(
+                        "GGUF: metadata arrays too large ({n} items)"
+                    )));
                 }
                 let mut v = Vec::with_capacity((n as usize).min(1 << 16));
                 for _ in 0..n {
@@ -177,7 +188,7 @@ impl<'a> Cursor<'a> {
     }
 }
 
-fn ggml_type(t: u32) -> Result<DType, EngineError> {
+pub(crate) fn ggml_type(t: u32) -> Result<DType, EngineError> {
     Ok(match t {
         0 => DType::F32,
         1 => DType::F16,
@@ -209,6 +220,7 @@ impl GgufFile {
         let mut c = Cursor {
             b: &map[..],
             pos: 0,
+            array_elements: 0,
         };
         if c.take(4)? != b"GGUF" {
             return Err(EngineError::Format("not a GGUF file (bad magic)".into()));
@@ -256,11 +268,15 @@ impl GgufFile {
         }
         let data_start = (c.pos as u64).div_ceil(align) * align;
         let mut tensors = HashMap::new();
+        let mut unsupported = HashMap::new();
         for (name, dims, ty, off) in raw {
             let dtype = match ggml_type(ty) {
                 Ok(d) => d,
                 // Tensors of unsupported types are only an error when the model needs them.
-                Err(_) => continue,
+                Err(_) => {
+                    unsupported.insert(name, ty);
+                    continue;
+                }
             };
             let elems = dims.iter().try_fold(1u64, |a, d| a.checked_mul(*d));
             let cols = dims[0];
@@ -296,6 +312,7 @@ impl GgufFile {
             map,
             metadata,
             tensors,
+            unsupported,
         })
     }
 

@@ -119,6 +119,12 @@ impl KvPool {
     /// Makes sure `seq` has pages for `positions` positions.
     pub fn reserve(&mut self, seq: &mut Sequence, positions: usize) -> Result<(), EngineError> {
         let need = positions.div_ceil(self.page_size);
+        let missing = need.saturating_sub(seq.pages.len());
+        if missing > self.free.len() + (self.max_pages - self.pages.len()) {
+            return Err(EngineError::OutOfPages {
+                pages: self.max_pages,
+            });
+        }
         while seq.pages.len() < need {
             let p = self.alloc()?;
             seq.pages.push(p);
@@ -163,8 +169,15 @@ impl KvPool {
             .collect()
     }
 
-    /// The bytes of the `index`-th page of `seq`: a cache block.
+    /// The bytes of the `index`-th page of `seq`: a cache block. Only full pages can be
+    /// exported (a partly filled page still holds an earlier user's KV past its end).
     pub fn export(&self, seq: &Sequence, index: usize) -> Result<&[u8], EngineError> {
+        if (index + 1) * self.page_size > seq.len {
+            return Err(EngineError::BadRequest(format!(
+                "page {index} is not full ({} positions filled)",
+                seq.len
+            )));
+        }
         let p = seq
             .pages
             .get(index)

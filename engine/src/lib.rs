@@ -81,6 +81,9 @@ pub struct Engine {
     /// Tokens that end a generation.
     pub stop: Vec<u32>,
     bos: Option<u32>,
+    /// Plain prompts go through the tokenizer's post-processor (Hugging Face folders: it adds
+    /// BOS where the model wants it).
+    special: bool,
 }
 
 /// What a generation produced and how fast.
@@ -145,6 +148,7 @@ impl Engine {
                 chat,
                 stop,
                 bos: None,
+                special: true,
             });
         }
         let g = gguf::GgufFile::open(path)?;
@@ -186,6 +190,7 @@ impl Engine {
             chat,
             stop,
             bos,
+            special: false,
         })
     }
 
@@ -199,6 +204,13 @@ impl Engine {
                 .ok_or_else(|| EngineError::BadRequest("this model has no chat template".into()))?;
             let rendered = t.render(&[Message::user(text)])?;
             return tokenizer::encode(&self.tokenizer, &rendered);
+        }
+        if self.special {
+            return self
+                .tokenizer
+                .encode(text, true)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| EngineError::BadRequest(format!("tokenizer: {e}")));
         }
         let mut ids: Vec<u32> = self.bos.into_iter().collect();
         ids.extend(tokenizer::encode(&self.tokenizer, text)?);
@@ -250,14 +262,21 @@ impl Engine {
     }
 
     /// Perplexity of `ids`: exp of the mean negative log-likelihood of every token after the
-    /// first, each given all tokens before it in the same context (windows of the model's
-    /// context length when longer). Also returns the number of tokens scored.
+    /// first, each given all tokens before it in the same context. Text longer than the
+    /// model's context is cut into windows of the context length, and the first token of each
+    /// window is not scored. Also returns the number of tokens scored.
     pub fn perplexity(
         &self,
         pool: &mut KvPool,
         ids: &[u32],
         chunk: usize,
     ) -> Result<(f64, usize), EngineError> {
+        if let Some(t) = ids.iter().find(|t| **t as usize >= self.model.config.vocab) {
+            return Err(EngineError::BadRequest(format!(
+                "token id {t} is outside the vocabulary of {}",
+                self.model.config.vocab
+            )));
+        }
         if ids.len() < 2 {
             return Err(EngineError::BadRequest(
                 "perplexity needs at least two tokens".into(),

@@ -51,6 +51,35 @@ pub struct ModelConfig {
     pub qk_norm: bool,
 }
 
+impl ModelConfig {
+    /// Checks that the configuration is consistent and within sane bounds (a hostile file
+    /// cannot make the loader allocate absurd amounts or overflow a size).
+    pub fn validate(&self, path: &Path) -> Result<(), EngineError> {
+        let c = self;
+        let ok = (1..=1024).contains(&c.n_layers)
+            && (1..=1 << 16).contains(&c.hidden)
+            && (1..=1 << 20).contains(&c.ffn)
+            && (1..=1024).contains(&c.n_heads)
+            && (1..=1024).contains(&c.n_kv_heads)
+            && c.n_heads.is_multiple_of(c.n_kv_heads)
+            && (2..=1024).contains(&c.head_dim)
+            && c.head_dim.is_multiple_of(2)
+            && c.rope_dim <= c.head_dim
+            && (1..=1 << 22).contains(&c.vocab)
+            && (2..=1 << 24).contains(&c.ctx_len)
+            && c.rope_theta.is_finite()
+            && c.rope_theta > 0.0
+            && c.rms_eps.is_finite();
+        if !ok {
+            return Err(EngineError::Format(format!(
+                "{}: inconsistent configuration {c:?}",
+                path.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// A weight matrix living in a memory map.
 #[derive(Clone, Debug)]
 pub struct Matrix {
@@ -81,6 +110,7 @@ struct Layer {
     wk: Matrix,
     wv: Matrix,
     wo: Matrix,
+    bo: Option<Vec<f32>>,
     bq: Option<Vec<f32>>,
     bk: Option<Vec<f32>>,
     bv: Option<Vec<f32>>,
@@ -126,11 +156,22 @@ struct Raw {
 
 struct Source {
     tensors: HashMap<String, Raw>,
+    /// Tensors present in an encoding the kernels cannot use: name → encoding.
+    unsupported: HashMap<String, String>,
     what: String,
 }
 
 impl Source {
+    fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name) || self.unsupported.contains_key(name)
+    }
     fn take(&mut self, name: &str) -> Result<Raw, EngineError> {
+        if let Some(enc) = self.unsupported.get(name) {
+            return Err(EngineError::Unsupported(format!(
+                "{}: tensor {name} is stored as {enc} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
+                self.what
+            )));
+        }
         self.tensors
             .remove(name)
             .ok_or_else(|| EngineError::Format(format!("{}: missing tensor {name}", self.what)))
@@ -168,7 +209,7 @@ impl Source {
         Ok(v)
     }
     fn optional_vector(&mut self, name: &str, len: usize) -> Result<Option<Vec<f32>>, EngineError> {
-        if self.tensors.contains_key(name) {
+        if self.has(name) {
             self.vector(name, len).map(Some)
         } else {
             Ok(None)
@@ -176,10 +217,14 @@ impl Source {
     }
 }
 
-fn hash_maps<'a>(maps: impl Iterator<Item = &'a Arc<Mmap>>) -> [u8; 32] {
+/// blake3 of the weight files (each once, in the order of the sorted tensor names, so the
+/// same files give the same hash in every process).
+fn hash_maps<'a>(tensors: impl Iterator<Item = (&'a String, &'a Arc<Mmap>)>) -> [u8; 32] {
+    let mut sorted: Vec<(&String, &Arc<Mmap>)> = tensors.collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
     let mut seen: Vec<*const u8> = Vec::new();
     let mut h = blake3::Hasher::new();
-    for m in maps {
+    for (_, m) in sorted {
         if !seen.contains(&m.as_ptr()) {
             seen.push(m.as_ptr());
             h.update(&m[..]);
@@ -239,7 +284,7 @@ impl Model {
             rms_eps: fk("attention.layer_norm_rms_epsilon", 1e-5),
             qkv_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
             qk_norm: g.tensors.contains_key("blk.0.attn_q_norm.weight"),
-            arch,
+            arch: arch.clone(),
         };
         let tensors = g
             .tensors
@@ -259,13 +304,30 @@ impl Model {
                 )
             })
             .collect();
+        let unsupported = g
+            .unsupported
+            .iter()
+            .map(|(n, t)| (n.clone(), format!("ggml type {t}")))
+            .collect();
         let mut src = Source {
             tensors,
+            unsupported,
             what: path.display().to_string(),
         };
         let names = |i: usize, n: &str| format!("blk.{i}.{n}");
+        config.validate(path)?;
+        if let Some(ty) = g.get(&key("rope.scaling.type")).and_then(Value::as_str)
+            && ty != "none"
+            && !(ty == "llama3" || src.has("rope_freqs.weight"))
+        {
+            return Err(EngineError::Unsupported(format!(
+                "{}: RoPE scaling {ty:?}",
+                path.display()
+            )));
+        }
         let freq = src.optional_vector("rope_freqs.weight", config.rope_dim / 2)?;
-        let fingerprint = hash_maps(std::iter::once(g.map()));
+        let no_name = String::new();
+        let fingerprint = hash_maps(std::iter::once((&no_name, g.map())));
         Self::assemble(
             config,
             &mut src,
@@ -281,6 +343,7 @@ impl Model {
                         "wk" => "attn_k.weight",
                         "wv" => "attn_v.weight",
                         "wo" => "attn_output.weight",
+                        "bo" => "attn_output.bias",
                         "bq" => "attn_q.bias",
                         "bk" => "attn_k.bias",
                         "bv" => "attn_v.bias",
@@ -328,6 +391,24 @@ impl Model {
             .get("attention_bias")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
+        let rope_theta = c
+            .get("rope_theta")
+            .or_else(|| c.get("rope_parameters").and_then(|r| r.get("rope_theta")))
+            .and_then(|v| v.as_f64())
+            .unwrap_or(10000.0) as f32;
+        let mut ctx_len = u("max_position_embeddings").unwrap_or(4096);
+        // Sliding-window attention equals full attention within the window: cap the context.
+        let sliding = c
+            .get("use_sliding_window")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true);
+        if let Some(w) = c
+            .get("sliding_window")
+            .and_then(|v| v.as_u64())
+            .filter(|_| sliding)
+        {
+            ctx_len = ctx_len.min(w as usize);
+        }
         let config = ModelConfig {
             n_layers: u("num_hidden_layers")?,
             hidden,
@@ -336,8 +417,8 @@ impl Model {
             n_kv_heads: u("num_key_value_heads").unwrap_or(n_heads),
             head_dim,
             vocab: u("vocab_size")?,
-            ctx_len: u("max_position_embeddings").unwrap_or(4096),
-            rope_theta: f("rope_theta", 10000.0),
+            ctx_len,
+            rope_theta,
             rope_dim: head_dim,
             rope_layout: RopeLayout::HalfSplit,
             rms_eps: f("rms_norm_eps", 1e-6),
@@ -345,7 +426,8 @@ impl Model {
             qk_norm: arch == "qwen3",
             arch,
         };
-        let freq = llama3_freq_factors(&c, &config);
+        config.validate(dir)?;
+        let freq = llama3_freq_factors(&c, &config, dir)?;
         let tensors: HashMap<String, Raw> = crate::safetensors::load_dir(dir)?
             .into_iter()
             .map(|(n, t)| {
@@ -361,7 +443,7 @@ impl Model {
                 )
             })
             .collect();
-        let fingerprint = hash_maps(tensors.values().map(|r| &r.map));
+        let fingerprint = hash_maps(tensors.iter().map(|(n, r)| (n, &r.map)));
         let tied = c
             .get("tie_word_embeddings")
             .and_then(|v| v.as_bool())
@@ -369,6 +451,7 @@ impl Model {
             || !tensors.contains_key("lm_head.weight");
         let mut src = Source {
             tensors,
+            unsupported: HashMap::new(),
             what: dir.display().to_string(),
         };
         let output = if tied {
@@ -389,6 +472,7 @@ impl Model {
                     "wk" => "self_attn.k_proj.weight",
                     "wv" => "self_attn.v_proj.weight",
                     "wo" => "self_attn.o_proj.weight",
+                    "bo" => "self_attn.o_proj.bias",
                     "bq" => "self_attn.q_proj.bias",
                     "bk" => "self_attn.k_proj.bias",
                     "bv" => "self_attn.v_proj.bias",
@@ -416,24 +500,10 @@ impl Model {
         [embed_name, norm_name, output_name]: [&str; 3],
     ) -> Result<Self, EngineError> {
         let c = &config;
-        if c.n_layers == 0
-            || c.hidden == 0
-            || c.n_heads == 0
-            || c.n_kv_heads == 0
-            || !c.n_heads.is_multiple_of(c.n_kv_heads)
-            || c.head_dim == 0
-            || !c.head_dim.is_multiple_of(2)
-            || c.rope_dim > c.head_dim
-            || c.vocab == 0
-        {
-            return Err(EngineError::Format(format!(
-                "{}: inconsistent configuration {c:?}",
-                path.display()
-            )));
-        }
+        c.validate(path)?;
         let (q_dim, kv_dim) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
         let embed = src.matrix(embed_name, c.vocab, c.hidden)?;
-        let output = if output_name == embed_name || !src.tensors.contains_key(output_name) {
+        let output = if output_name == embed_name || !src.has(output_name) {
             embed.clone()
         } else {
             src.matrix(output_name, c.vocab, c.hidden)?
@@ -458,6 +528,7 @@ impl Model {
                 wk: src.matrix(&name(i, "wk"), kv_dim, c.hidden)?,
                 wv: src.matrix(&name(i, "wv"), kv_dim, c.hidden)?,
                 wo: src.matrix(&name(i, "wo"), c.hidden, q_dim)?,
+                bo: opt(src, "bo", c.hidden, false)?,
                 bq: opt(src, "bq", q_dim, c.qkv_bias)?,
                 bk: opt(src, "bk", kv_dim, c.qkv_bias)?,
                 bv: opt(src, "bv", kv_dim, c.qkv_bias)?,
@@ -469,6 +540,24 @@ impl Model {
                 w_down: src.matrix(&name(i, "down"), c.hidden, c.ffn)?,
             });
         }
+        // A layer tensor the forward pass does not use would be silently ignored: refuse.
+        let mut left: Vec<&String> = src
+            .tensors
+            .keys()
+            .chain(src.unsupported.keys())
+            .filter(|n| {
+                (n.starts_with("blk.") || n.starts_with("model.layers."))
+                    && !n.contains("rotary_emb")
+            })
+            .collect();
+        left.sort();
+        if let Some(n) = left.first() {
+            return Err(EngineError::Unsupported(format!(
+                "{}: tensor {n} (and {} more) is not part of the supported architectures",
+                path.display(),
+                left.len() - 1
+            )));
+        }
         let rope = Rope::new(
             c.head_dim,
             c.rope_dim,
@@ -476,6 +565,15 @@ impl Model {
             c.rope_layout,
             freq.as_deref(),
         );
+        // The namespace must change when anything that shapes the KV bytes changes: the
+        // weights, and the configuration read beside them (RoPE base, scaling, ...).
+        let mut h = blake3::Hasher::new();
+        h.update(&fingerprint);
+        h.update(format!("{c:?}").as_bytes());
+        for f in freq.iter().flatten() {
+            h.update(&f.to_le_bytes());
+        }
+        let fingerprint = *h.finalize().as_bytes();
         Ok(Model {
             config,
             source: path.to_owned(),
@@ -618,6 +716,9 @@ impl Model {
             paged_attention(shape, &q, n, start, &pages, &mut att)
                 .map_err(|e| EngineError::Internal(e.to_string()))?;
             matmul(&l.wo.view(), &att, n, &mut xn);
+            if let Some(b) = &l.bo {
+                xn.chunks_exact_mut(h).for_each(|r| add_inplace(r, b));
+            }
             add_inplace(&mut x, &xn);
             xn.copy_from_slice(&x);
             rmsnorm_rows_inplace(&mut xn, &l.ffn_norm, c.rms_eps);
@@ -662,11 +763,31 @@ impl Model {
 }
 
 /// Llama 3.1 `rope_scaling` (`rope_type: llama3`) as per-pair frequency divisors.
-fn llama3_freq_factors(c: &serde_json::Value, cfg: &ModelConfig) -> Option<Vec<f32>> {
-    let rs = c.get("rope_scaling")?;
-    let ty = rs.get("rope_type").or_else(|| rs.get("type"))?.as_str()?;
+fn llama3_freq_factors(
+    c: &serde_json::Value,
+    cfg: &ModelConfig,
+    dir: &Path,
+) -> Result<Option<Vec<f32>>, EngineError> {
+    let Some(rs) = c
+        .get("rope_scaling")
+        .or_else(|| c.get("rope_parameters"))
+        .filter(|r| r.is_object())
+    else {
+        return Ok(None);
+    };
+    let ty = rs
+        .get("rope_type")
+        .or_else(|| rs.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
+    if ty == "default" {
+        return Ok(None);
+    }
     if ty != "llama3" {
-        return None;
+        return Err(EngineError::Unsupported(format!(
+            "{}: RoPE scaling {ty:?} (supported: llama3)",
+            dir.display()
+        )));
     }
     let g = |k: &str, d: f64| rs.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
     let (factor, lo, hi, orig) = (
@@ -677,7 +798,7 @@ fn llama3_freq_factors(c: &serde_json::Value, cfg: &ModelConfig) -> Option<Vec<f
     );
     let (lo_wl, hi_wl) = (orig / lo, orig / hi);
     let half = cfg.rope_dim / 2;
-    Some(
+    Ok(Some(
         (0..half)
             .map(|i| {
                 let freq =
@@ -693,5 +814,5 @@ fn llama3_freq_factors(c: &serde_json::Value, cfg: &ModelConfig) -> Option<Vec<f
                 }
             })
             .collect(),
-    )
+    ))
 }

@@ -123,7 +123,10 @@ fn parse(map: Arc<Mmap>, what: &str) -> Result<HashMap<String, StTensor>, Engine
             .ok_or_else(|| bad(format!("tensor {name} has bad data_offsets")))?;
         let elems = shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d));
         let want = elems.and_then(|e| e.checked_mul(dtype.block_bytes()));
-        let (s, e) = (data_start + offs[0], data_start.checked_add(offs[1]));
+        let (s, e) = (
+            data_start.saturating_add(offs[0]),
+            data_start.checked_add(offs[1]),
+        );
         if want != Some((offs[1] - offs[0]) as usize) || e.is_none_or(|e| e > map.len() as u64) {
             return Err(bad(format!(
                 "tensor {name}: shape {shape:?} does not match its bytes or lies outside the file"

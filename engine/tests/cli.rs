@@ -179,7 +179,17 @@ fn bad_input_gets_a_clear_error() {
                 "--page-size".into(),
                 "7".into(),
             ],
-            "page size",
+            "page-size",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--prompt".into(),
+                "x".into(),
+                "--page-size".into(),
+                "0".into(),
+            ],
+            "page-size",
         ),
     ];
     for (args, want) in cases {

@@ -54,9 +54,19 @@ fn one_pass_chunked_and_imported_prefill_agree() {
     let one_cont = greedy(e, &mut pool, &mut seq, one.clone(), 16);
 
     // 2. Chunks of 37 tokens (not page-aligned).
+    // Its pages come from the pool out of order: a sequence that held six pages returned
+    // them, and the free list hands them back last first.
     let mut pool2 = KvPool::new(cfg, PAGE, 16).unwrap();
+    let mut scratch = Sequence::new();
+    pool2.reserve(&mut scratch, 6 * PAGE).unwrap();
+    pool2.release(&mut scratch);
     let mut seq2 = Sequence::new();
     let chunked = e.model.prefill(&mut pool2, &mut seq2, &tokens, 37).unwrap();
+    assert_ne!(
+        seq2.pages()[..3],
+        [0, 1, 2],
+        "the chunked run's pages are out of order"
+    );
     let chunked_cont = greedy(e, &mut pool2, &mut seq2, chunked.clone(), 16);
 
     // 3. A first request computes the prefix and stores its pages in a host-tier cache ...
@@ -153,10 +163,12 @@ fn import_refuses_bad_blocks_and_keeps_what_it_has() {
     let short = vec![0u8; pool.block_bytes() - 4];
     assert!(pool.import(&mut seq, &short).is_err());
     assert!(seq.is_empty());
-    // Mid-page: imports must land on a page boundary.
+    // Mid-page: imports must land on a page boundary, and a partly filled page (whose tail
+    // still holds an earlier sequence's KV) cannot be exported.
     e.model
         .forward(&mut pool, &mut seq, &[1, 2, 3], Logits::Last)
         .unwrap();
+    assert!(pool.export(&seq, 0).is_err());
     let block = vec![0u8; pool.block_bytes()];
     assert!(pool.import(&mut seq, &block).is_err());
     assert_eq!(seq.len(), 3);
@@ -172,6 +184,9 @@ fn import_refuses_bad_blocks_and_keeps_what_it_has() {
         .forward(&mut pool, &mut seq, &long, Logits::Last)
         .unwrap_err();
     assert!(err.to_string().contains("full"), "{err}");
+    // A refused reservation takes no pages: the sequence still has its one page.
+    assert_eq!(seq.pages().len(), 1);
+    assert_eq!(pool.used_pages(), 1);
     assert!(
         e.model
             .forward(&mut pool, &mut Sequence::new(), &[], Logits::Last)

@@ -78,3 +78,73 @@ fn a_broken_model_folder_is_a_clear_error() {
     assert!(err.contains("gpt_neox"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn configurations_the_engine_cannot_honour_are_refused() {
+    let src = fixtures().join("tiny_llama");
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "yarn",
+            Box::new(|c| {
+                c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0})
+            }),
+            "yarn",
+        ),
+        (
+            "huge",
+            Box::new(|c| c["num_hidden_layers"] = serde_json::json!(1u64 << 40)),
+            "inconsistent configuration",
+        ),
+        (
+            "heads",
+            Box::new(|c| c["num_key_value_heads"] = serde_json::json!(3)),
+            "inconsistent configuration",
+        ),
+    ];
+    for (name, edit, want) in cases {
+        let dir = std::env::temp_dir().join(format!("strata-cfg-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["model.safetensors", "tokenizer.json"] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap())
+                .unwrap();
+        edit(&mut cfg);
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        let err = Engine::load(&dir)
+            .err()
+            .unwrap_or_else(|| panic!("{name}: loaded"))
+            .to_string();
+        assert!(err.contains(want), "{name}: {err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn the_namespace_follows_weights_and_configuration() {
+    let a = Engine::load(&fixtures().join("tiny_llama")).unwrap();
+    let again = Engine::load(&fixtures().join("tiny_llama")).unwrap();
+    assert_eq!(
+        a.model.fingerprint(),
+        again.model.fingerprint(),
+        "same files, same namespace"
+    );
+    let b = Engine::load(&fixtures().join("tiny_qwen2")).unwrap();
+    assert_ne!(a.model.fingerprint(), b.model.fingerprint());
+    // Same weights, another RoPE base: different K bytes, so a different namespace.
+    let dir = std::env::temp_dir().join(format!("strata-theta-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = fixtures().join("tiny_llama");
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["rope_theta"] = serde_json::json!(500000.0);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let c = Engine::load(&dir).unwrap();
+    assert_ne!(a.model.fingerprint(), c.model.fingerprint());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -54,6 +54,23 @@ pub fn paged_attention(
     pages: &[&[f32]],
     out: &mut [f32],
 ) -> Result<(), KernelError> {
+    // Decode has few (token, kv head) pairs: split groups into single heads so every thread
+    // has work; prefill keeps a group together so each K/V row is read once for the group.
+    let split = n * shape.n_kv_heads < 4 * rayon::current_num_threads();
+    paged_attention_jobs(shape, q, n, start, pages, out, split)
+}
+
+/// [`paged_attention`] with the job split chosen by the caller (`split_groups`: one job per
+/// query head instead of one per group).
+fn paged_attention_jobs(
+    shape: AttnShape,
+    q: &[f32],
+    n: usize,
+    start: usize,
+    pages: &[&[f32]],
+    out: &mut [f32],
+    split_groups: bool,
+) -> Result<(), KernelError> {
     shape.check()?;
     let AttnShape {
         n_heads,
@@ -75,13 +92,7 @@ pub fn paged_attention(
         )));
     }
     let group = n_heads / n_kv_heads;
-    // Decode has few (token, kv head) pairs: split groups into single heads so every thread
-    // has work; prefill keeps a group together so each K/V row is read once for the group.
-    let per_job = if n * n_kv_heads >= 4 * rayon::current_num_threads() {
-        group
-    } else {
-        1
-    };
+    let per_job = if split_groups { 1 } else { group };
     let jobs_per_kv = group / per_job;
     let job = Job {
         q,
@@ -268,7 +279,8 @@ mod tests {
             let k = randv(1 + ctx as u64, ctx * nkv * hd, 1.0);
             let v = randv(2 + ctx as u64, ctx * nkv * hd, 1.0);
             let q = randv(3 + ctx as u64, n * nh * hd, 2.0);
-            // Scatter K/V into pages, in a shuffled page order to prove pages are looked up.
+            // Scatter K/V into pages (pages hold positions p·ps..(p+1)·ps; the engine's tests
+            // cover pages taken from the pool out of order).
             let npages = ctx.div_ceil(ps);
             let mut store: Vec<Vec<f32>> = vec![randv(9, shape.layer_page_floats(), 1.0); npages];
             for t in 0..ctx {
@@ -283,13 +295,16 @@ mod tests {
             }
             let pages: Vec<&[f32]> = store.iter().map(|p| p.as_slice()).collect();
             let mut out = vec![0f32; n * nh * hd];
-            paged_attention(shape, &q, n, start, &pages, &mut out).unwrap();
             let want = reference(&q, &k, &v, n, start, nh, nkv, hd);
-            for (g, w) in out.iter().zip(&want) {
-                assert!(
-                    (f64::from(*g) - w).abs() < 1e-4,
-                    "start {start} n {n}: {g} vs {w}"
-                );
+            // Both job splits: one job per GQA group and one per query head.
+            for split in [false, true] {
+                paged_attention_jobs(shape, &q, n, start, &pages, &mut out, split).unwrap();
+                for (g, w) in out.iter().zip(&want) {
+                    assert!(
+                        (f64::from(*g) - w).abs() < 1e-4,
+                        "start {start} n {n} split {split}: {g} vs {w}"
+                    );
+                }
             }
         }
     }

@@ -25,7 +25,7 @@ const fn kind(ty: DType) -> usize {
 /// Picks the quantized dot product for `ty` on this CPU.
 pub(crate) fn qdot<const R: usize, const N: usize>(ty: DType, simd: crate::Simd) -> QDotFn<R, N> {
     #[cfg(target_arch = "x86_64")]
-    if simd == crate::Simd::Avx2 {
+    if simd == crate::Simd::Avx2 && crate::simd() == crate::Simd::Avx2 {
         return match kind(ty) {
             0 => avx2::qdot::<R, N, 0>,
             1 => avx2::qdot::<R, N, 1>,
@@ -56,7 +56,7 @@ fn scalar_rows<const R: usize, const N: usize, const KIND: usize>(
 /// Picks the float dot product for `ty` on this CPU.
 pub(crate) fn fdot(ty: DType, simd: crate::Simd) -> FDotFn {
     #[cfg(target_arch = "x86_64")]
-    if simd == crate::Simd::Avx2 {
+    if simd == crate::Simd::Avx2 && crate::simd() == crate::Simd::Avx2 {
         return match ty {
             DType::F32 => avx2::f32_row,
             DType::F16 => avx2::f16_row,
@@ -387,6 +387,11 @@ mod tests {
 
     #[test]
     fn quantized_dots_match_the_scalar_reference_on_both_paths() {
+        if crate::simd() == Simd::Scalar {
+            eprintln!(
+                "note: no AVX2 on this CPU (or STRATA_KERNELS=scalar): only the portable path is checked"
+            );
+        }
         let cols = 32 * 12;
         for ty in [DType::Q8_0, DType::Q4_0, DType::Q4_1] {
             for seed in 0..6u64 {

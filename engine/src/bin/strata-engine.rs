@@ -91,6 +91,12 @@ fn load(common: &Common) -> Result<(Engine, KvPool)> {
     };
     let engine = Engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let c = &engine.model.config;
+    anyhow::ensure!(
+        (16..=256).contains(&common.page_size),
+        "--page-size {} is outside 16..=256 tokens",
+        common.page_size
+    );
+    anyhow::ensure!(common.chunk > 0, "--chunk must be at least 1");
     let pages = c.ctx_len.div_ceil(common.page_size) + 1;
     let pool = KvPool::new(c, common.page_size, pages)?;
     eprintln!(
