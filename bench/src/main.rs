@@ -6,6 +6,7 @@
 
 mod alloc_count;
 mod micro;
+mod serve;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +23,42 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Drive an OpenAI-compatible server with a workload and report TTFT, ITL, throughput
+    /// and cache hits.
+    Run {
+        #[command(flatten)]
+        target: serve::TargetArgs,
+        #[command(flatten)]
+        load: serve::LoadArgs,
+        #[command(flatten)]
+        output: serve::OutputArgs,
+        #[command(subcommand)]
+        workload: serve::workload::Workload,
+    },
+    /// The same workload against two endpoints (or one with its cache on and off),
+    /// alternating, with ratios.
+    Compare {
+        #[command(flatten)]
+        target: serve::TargetArgs,
+        /// The second endpoint's base URL.
+        #[arg(long)]
+        other_url: String,
+        /// Label of the first endpoint.
+        #[arg(long, default_value = "A")]
+        label_a: String,
+        /// Label of the second endpoint.
+        #[arg(long, default_value = "B")]
+        label_b: String,
+        /// Runs per endpoint (alternating A, B, A, B, ...).
+        #[arg(long, default_value_t = 2)]
+        repeats: usize,
+        #[command(flatten)]
+        load: serve::LoadArgs,
+        #[command(flatten)]
+        output: serve::OutputArgs,
+        #[command(subcommand)]
+        workload: serve::workload::Workload,
+    },
     /// Micro benchmarks of one component against a baseline measured in the same run.
     Micro {
         /// Which suite.
@@ -43,6 +80,30 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Run {
+            target,
+            load,
+            output,
+            workload,
+        } => serve::run(target, load, output, workload)?,
+        Cmd::Compare {
+            target,
+            other_url,
+            label_a,
+            label_b,
+            repeats,
+            load,
+            output,
+            workload,
+        } => serve::compare(
+            target,
+            other_url,
+            (label_a, label_b),
+            repeats,
+            load,
+            output,
+            workload,
+        )?,
         Cmd::Micro {
             suite,
             quick,

@@ -1,0 +1,255 @@
+//! The workloads: what each request says, with lengths in tokens of the model's tokenizer.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::stats::Rng;
+
+/// Text of an exact number of tokens: words drawn from the tokenizer's own vocabulary
+/// (`" word"` entries that encode as exactly one token, so `n` words are `n` tokens).
+pub struct Words {
+    words: Vec<String>,
+}
+
+impl Words {
+    /// Builds the word list from a tokenizer (`.gguf` or `tokenizer.json`).
+    pub fn from_tokenizer(path: &Path) -> anyhow::Result<Self> {
+        let tok = if path.extension().is_some_and(|e| e == "gguf") {
+            strata_engine::tokenizer::from_gguf(&strata_engine::gguf::GgufFile::open(path)?)?
+        } else {
+            strata_engine::tokenizer::from_file(path)?
+        };
+        let mut seen = HashSet::new();
+        let mut words = Vec::new();
+        for (piece, _) in tok.get_vocab(false) {
+            // Byte-level BPE writes a leading space as 'Ġ', SentencePiece as '▁'.
+            let Some(w) = piece.strip_prefix('Ġ').or_else(|| piece.strip_prefix('▁')) else {
+                continue;
+            };
+            if (3..=10).contains(&w.len())
+                && w.bytes().all(|b| b.is_ascii_lowercase())
+                && seen.insert(w.to_owned())
+            {
+                let text = format!(" {w}");
+                if tok
+                    .encode(text.as_str(), false)
+                    .map(|e| e.get_ids().len() == 1)
+                    .unwrap_or(false)
+                {
+                    words.push(text);
+                }
+            }
+        }
+        words.sort();
+        if words.len() < 256 {
+            bail!(
+                "the tokenizer at {} has only {} usable words",
+                path.display(),
+                words.len()
+            );
+        }
+        Ok(Words { words })
+    }
+
+    /// `n` tokens of text.
+    pub fn text(&self, rng: &mut Rng, n: usize) -> String {
+        (0..n)
+            .map(|_| self.words[rng.below(self.words.len() as u64) as usize].as_str())
+            .collect()
+    }
+}
+
+/// How long-document QA orders its queries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RepeatMode {
+    /// Every (document, question) pair in a seeded random order.
+    Random,
+    /// All documents with question 0, then all with question 1, ...
+    Tile,
+    /// Each document's questions back to back.
+    Interleave,
+}
+
+/// Multi-turn chat with a growing context.
+#[derive(Args, Clone, Debug)]
+pub struct MultiTurn {
+    /// Conversations.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Rounds per conversation.
+    #[arg(long, default_value_t = 4)]
+    pub rounds: usize,
+    /// Tokens of the first user message.
+    #[arg(long, default_value_t = 512)]
+    pub first_len: usize,
+    /// Tokens of each later user message.
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 32)]
+    pub output_len: usize,
+    /// Every conversation finishes round r before any starts round r + 1.
+    #[arg(long)]
+    pub barrier: bool,
+}
+
+/// Long-document question answering.
+#[derive(Args, Clone, Debug)]
+pub struct LongDocQa {
+    /// Documents.
+    #[arg(long, default_value_t = 4)]
+    pub documents: usize,
+    /// Questions per document.
+    #[arg(long, default_value_t = 3)]
+    pub questions: usize,
+    /// Tokens per document.
+    #[arg(long, default_value_t = 2048)]
+    pub doc_len: usize,
+    /// Tokens per question.
+    #[arg(long, default_value_t = 32)]
+    pub question_len: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 16)]
+    pub output_len: usize,
+    /// Order of the query pass.
+    #[arg(long, value_enum, default_value_t = RepeatMode::Tile)]
+    pub repeat_mode: RepeatMode,
+    /// Skip the warm-up pass (each document once before the queries).
+    #[arg(long)]
+    pub no_warmup: bool,
+}
+
+/// Groups of prompts sharing a system prompt.
+#[derive(Args, Clone, Debug)]
+pub struct SharedPrefix {
+    /// Groups (distinct system prompts).
+    #[arg(long, default_value_t = 4)]
+    pub groups: usize,
+    /// Prompts per group.
+    #[arg(long, default_value_t = 8)]
+    pub prompts_per_group: usize,
+    /// Tokens of each system prompt.
+    #[arg(long, default_value_t = 1024)]
+    pub system_len: usize,
+    /// Tokens of each question.
+    #[arg(long, default_value_t = 64)]
+    pub question_len: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 32)]
+    pub output_len: usize,
+}
+
+/// Replay of a Mooncake-style trace.
+#[derive(Args, Clone, Debug)]
+pub struct Trace {
+    /// JSONL file: one request per line with `timestamp` (ms), `input_length`,
+    /// `output_length`, `hash_ids` (equal ids = equal blocks).
+    #[arg(long)]
+    pub trace: std::path::PathBuf,
+    /// Tokens per hash block (Mooncake's traces use 512).
+    #[arg(long, default_value_t = 512)]
+    pub block_tokens: usize,
+    /// Multiply timestamps by this (0.5 = twice as fast).
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// Replay only the first N requests.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+/// Which workload.
+#[derive(Subcommand, Clone, Debug)]
+pub enum Workload {
+    /// Multi-turn chat: clients × rounds, the context grows every round.
+    MultiTurn(MultiTurn),
+    /// Long-document QA: documents × questions after a warm-up pass.
+    LongDocQa(LongDocQa),
+    /// Generated shared prefix: groups of prompts with a common system prompt.
+    SharedPrefix(SharedPrefix),
+    /// Replay a Mooncake-style JSONL trace (arrival times, lengths, shared blocks).
+    Trace(Trace),
+}
+
+impl Workload {
+    /// Short name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Workload::MultiTurn(_) => "multi-turn",
+            Workload::LongDocQa(_) => "long-doc-qa",
+            Workload::SharedPrefix(_) => "shared-prefix",
+            Workload::Trace(_) => "trace",
+        }
+    }
+}
+
+/// One line of a Mooncake trace.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct TraceLine {
+    /// Arrival, ms after the trace's start.
+    pub timestamp: f64,
+    /// Prompt tokens.
+    pub input_length: usize,
+    /// Generated tokens.
+    pub output_length: usize,
+    /// Block ids of the prompt.
+    pub hash_ids: Vec<u64>,
+}
+
+/// Reads and checks a trace.
+pub fn read_trace(t: &Trace) -> anyhow::Result<Vec<TraceLine>> {
+    let text = std::fs::read_to_string(&t.trace)
+        .with_context(|| format!("reading {}", t.trace.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let l: TraceLine = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}", t.trace.display(), i + 1))?;
+        if l.hash_ids.len() * t.block_tokens < l.input_length {
+            bail!(
+                "{} line {}: {} hash blocks of {} tokens cannot hold {} input tokens",
+                t.trace.display(),
+                i + 1,
+                l.hash_ids.len(),
+                t.block_tokens,
+                l.input_length
+            );
+        }
+        out.push(l);
+        if t.limit.is_some_and(|n| out.len() >= n) {
+            break;
+        }
+    }
+    if out.is_empty() {
+        bail!("{} holds no requests", t.trace.display());
+    }
+    Ok(out)
+}
+
+/// The prompt of a trace request: each hash id's block is the same text wherever it
+/// appears (seeded by the id), truncated to `input_length` tokens.
+pub fn trace_prompt(words: &Words, l: &TraceLine, block_tokens: usize, seed: u64) -> String {
+    let mut s = String::new();
+    let mut left = l.input_length;
+    for id in &l.hash_ids {
+        if left == 0 {
+            break;
+        }
+        let n = left.min(block_tokens);
+        let mut rng = Rng(id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed | 1);
+        // Always draw the whole block, so a truncated last block is a prefix of the full one.
+        let block = words.text(&mut rng, block_tokens);
+        let words_of_block: Vec<&str> = block.split(' ').skip(1).collect();
+        for word in &words_of_block[..n] {
+            s.push(' ');
+            s.push_str(word);
+        }
+        left -= n;
+    }
+    s
+}
