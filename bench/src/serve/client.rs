@@ -130,10 +130,11 @@ pub async fn send(
         input_tokens: req.input_tokens,
         ..Default::default()
     };
+    // The request is built before the clock starts: TTFT covers sending and the server.
+    let request = client.post(url).json(&body(t, req));
     let t0 = Instant::now();
     out.start = t0.duration_since(run_start).as_secs_f64();
-    let result =
-        tokio::time::timeout(t.timeout, stream(client, &url, body(t, req), t0, &mut out)).await;
+    let result = tokio::time::timeout(t.timeout, stream(request, t0, &mut out)).await;
     match result {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
@@ -149,15 +150,11 @@ pub async fn send(
 }
 
 async fn stream(
-    client: &reqwest::Client,
-    url: &str,
-    body: Value,
+    request: reqwest::RequestBuilder,
     t0: Instant,
     out: &mut Outcome,
 ) -> Result<(), String> {
-    let resp = client
-        .post(url)
-        .json(&body)
+    let resp = request
         .send()
         .await
         .map_err(|e| format!("request failed: {}", chain(&e)))?;
