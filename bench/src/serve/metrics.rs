@@ -102,6 +102,12 @@ impl Summary {
         self.completed() as f64 / self.duration.max(1e-9)
     }
 
+        /// TTFT minus the server's own prompt time (`timings.prompt_ms`), ms, for the successful
+    /// requests whose server reports it: what the client adds (network, HTTP, queueing).
+    pub fn ttft_minus_server(&self) -> Vec<f64> {
+        self.ok().filter_map(|o| o.server_prompt_ms.map(|p| o.ttft * 1e3 - p)).collect()
+    }
+
     /// Cache hit rate over the requests whose server reported cached tokens.
     pub fn cache_hit_rate(&self) -> Option<f64> {
         let (c, p) = self
@@ -196,7 +202,15 @@ impl Summary {
                 );
             }
         }
-        m.insert("cache_hit_rate".into(), json!(self.cache_hit_rate()));
+                m.insert("cache_hit_rate".into(), json!(self.cache_hit_rate()));
+        let d = self.ttft_minus_server();
+        if !d.is_empty() {
+            m.insert("server_prompt_ms".into(), json!(self.records.iter().map(|r| r.outcome.server_prompt_ms).collect::<Vec<_>>()));
+            m.insert(
+                "ttft_minus_server_prompt_ms".into(),
+                json!({"mean": mean(&d), "median": percentile(&d, 50.0), "p99": percentile(&d, 99.0), "min": percentile(&d, 0.0), "max": percentile(&d, 100.0)}),
+            );
+        }
         m.insert(
             "input_lens".into(),
             json!(
@@ -366,6 +380,13 @@ impl Summary {
                     format!("{:.2}", percentile(&ms, *p)),
                 );
             }
+        }
+                let d = self.ttft_minus_server();
+        if !d.is_empty() {
+            let _ = writeln!(s, "{:-^54}", "TTFT minus server prompt time");
+            line(&mut s, "Mean (ms):", format!("{:.2}", mean(&d)));
+            line(&mut s, "Median (ms):", format!("{:.2}", percentile(&d, 50.0)));
+            line(&mut s, "Max (ms):", format!("{:.2}", percentile(&d, 100.0)));
         }
         let rounds = self.per_round();
         if rounds.len() > 1 {
