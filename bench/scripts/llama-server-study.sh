@@ -43,3 +43,5 @@ study() {
 # One request in flight, so TTFT can be checked against the server's own timings.prompt_ms.
 study multi-turn --max-parallel 1 multi-turn --clients 4 --rounds 6 --first-len 512 --new-tokens 64 --output-len 32
 study long-doc-qa --max-parallel 1 long-doc-qa --documents 4 --questions 3 --doc-len 2048 --question-len 32 --output-len 16 --repeat-mode tile
+# Throughput against request rate: shared-prefix prompts at three Poisson rates.
+study rate-sweep --max-parallel 4 --request-rates 0.5,1,2 shared-prefix --groups 2 --prompts-per-group 8 --system-len 256 --question-len 32 --output-len 16

@@ -294,3 +294,129 @@ fn an_unreachable_server_fails_every_request_and_says_why() {
     assert_eq!(v["failed"], 64);
     assert!(v["errors"][0].as_str().unwrap().contains("request failed"));
 }
+
+#[test]
+fn compare_reports_the_ratio_of_two_endpoints() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (a, _) = serve(Script::Steady {
+        first: 200,
+        gap: 10,
+    });
+    let (b, _) = serve(Script::Steady {
+        first: 400,
+        gap: 10,
+    });
+    let out = Command::new(env!("CARGO_BIN_EXE_strata-bench"))
+        .args([
+            "compare",
+            "--base-url",
+            &a,
+            "--other-url",
+            &b,
+            "--repeats",
+            "2",
+            "--max-parallel",
+            "8",
+            "--quiet",
+            "--tokenizer",
+        ])
+        .arg(tokenizer())
+        .args([
+            "shared-prefix",
+            "--groups",
+            "2",
+            "--prompts-per-group",
+            "4",
+            "--system-len",
+            "16",
+            "--question-len",
+            "4",
+            "--output-len",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("mean_ttft_ms"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let ratio: f64 = row.split_whitespace().last().unwrap().parse().unwrap();
+    println!("{row}");
+    assert!((ratio - 2.0).abs() < 0.05, "B/A mean TTFT {ratio}");
+}
+
+#[test]
+fn a_trace_is_replayed_on_its_timestamps() {
+    let (url, count) = serve(Script::Steady { first: 20, gap: 5 });
+    let dir = std::env::temp_dir().join(format!("strata-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("trace.jsonl");
+    std::fs::write(
+        &trace,
+        "{\"timestamp\": 1000, \"input_length\": 40, \"output_length\": 3, \"hash_ids\": [7, 8]}\n\
+         {\"timestamp\": 1300, \"input_length\": 50, \"output_length\": 3, \"hash_ids\": [7, 8, 9]}\n\
+         {\"timestamp\": 1600, \"input_length\": 20, \"output_length\": 3, \"hash_ids\": [7]}\n",
+    )
+    .unwrap();
+    let json = dir.join("r.json");
+    let csv = dir.join("r.csv");
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new(env!("CARGO_BIN_EXE_strata-bench"))
+        .args(["run", "--base-url", &url, "--quiet", "--tokenizer"])
+        .arg(tokenizer())
+        .arg("--save-result")
+        .arg(&json)
+        .arg("--csv")
+        .arg(&csv)
+        .args(["trace", "--block-tokens", "32", "--trace"])
+        .arg(&trace)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(count.load(Ordering::SeqCst), 3);
+    let starts: Vec<f64> = std::fs::read_to_string(&csv)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(5).unwrap().parse::<f64>().unwrap())
+        .collect();
+    let mut s = starts.clone();
+    s.sort_by(|a, b| a.total_cmp(b));
+    // Relative to the first request: 0, 300, 600 ms (the trace's own offsets).
+    for (got, want) in s.iter().map(|x| (x - s[0]) * 1e3).zip([0.0, 300.0, 600.0]) {
+        assert!(
+            (got - want).abs() < 15.0,
+            "start {got} ms, trace says {want} ms"
+        );
+    }
+    // A trace whose blocks cannot hold its input is refused with the line number.
+    std::fs::write(
+        &trace,
+        "{\"timestamp\": 0, \"input_length\": 100, \"output_length\": 1, \"hash_ids\": [1]}\n",
+    )
+    .unwrap();
+    let bad = Command::new(env!("CARGO_BIN_EXE_strata-bench"))
+        .args(["run", "--base-url", &url, "--quiet", "--tokenizer"])
+        .arg(tokenizer())
+        .args(["trace", "--block-tokens", "32", "--trace"])
+        .arg(&trace)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("line 1"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -102,10 +102,12 @@ impl Summary {
         self.completed() as f64 / self.duration.max(1e-9)
     }
 
-        /// TTFT minus the server's own prompt time (`timings.prompt_ms`), ms, for the successful
+    /// TTFT minus the server's own prompt time (`timings.prompt_ms`), ms, for the successful
     /// requests whose server reports it: what the client adds (network, HTTP, queueing).
     pub fn ttft_minus_server(&self) -> Vec<f64> {
-        self.ok().filter_map(|o| o.server_prompt_ms.map(|p| o.ttft * 1e3 - p)).collect()
+        self.ok()
+            .filter_map(|o| o.server_prompt_ms.map(|p| o.ttft * 1e3 - p))
+            .collect()
     }
 
     /// Cache hit rate over the requests whose server reported cached tokens.
@@ -202,10 +204,18 @@ impl Summary {
                 );
             }
         }
-                m.insert("cache_hit_rate".into(), json!(self.cache_hit_rate()));
+        m.insert("cache_hit_rate".into(), json!(self.cache_hit_rate()));
         let d = self.ttft_minus_server();
         if !d.is_empty() {
-            m.insert("server_prompt_ms".into(), json!(self.records.iter().map(|r| r.outcome.server_prompt_ms).collect::<Vec<_>>()));
+            m.insert(
+                "server_prompt_ms".into(),
+                json!(
+                    self.records
+                        .iter()
+                        .map(|r| r.outcome.server_prompt_ms)
+                        .collect::<Vec<_>>()
+                ),
+            );
             m.insert(
                 "ttft_minus_server_prompt_ms".into(),
                 json!({"mean": mean(&d), "median": percentile(&d, 50.0), "p99": percentile(&d, 99.0), "min": percentile(&d, 0.0), "max": percentile(&d, 100.0)}),
@@ -381,11 +391,15 @@ impl Summary {
                 );
             }
         }
-                let d = self.ttft_minus_server();
+        let d = self.ttft_minus_server();
         if !d.is_empty() {
             let _ = writeln!(s, "{:-^54}", "TTFT minus server prompt time");
             line(&mut s, "Mean (ms):", format!("{:.2}", mean(&d)));
-            line(&mut s, "Median (ms):", format!("{:.2}", percentile(&d, 50.0)));
+            line(
+                &mut s,
+                "Median (ms):",
+                format!("{:.2}", percentile(&d, 50.0)),
+            );
             line(&mut s, "Max (ms):", format!("{:.2}", percentile(&d, 100.0)));
         }
         let rounds = self.per_round();

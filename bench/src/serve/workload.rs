@@ -253,3 +253,53 @@ pub fn trace_prompt(words: &Words, l: &TraceLine, block_tokens: usize, seed: u64
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words() -> Words {
+        Words {
+            words: (0..300).map(|i| format!(" w{i}")).collect(),
+        }
+    }
+
+    #[test]
+    fn texts_have_the_asked_length() {
+        let w = words();
+        let t = w.text(&mut Rng(5), 37);
+        assert_eq!(t.split(' ').skip(1).count(), 37);
+    }
+
+    #[test]
+    fn trace_prompts_share_exactly_their_common_blocks() {
+        let w = words();
+        let line = |ids: Vec<u64>, len: usize| TraceLine {
+            timestamp: 0.0,
+            input_length: len,
+            output_length: 1,
+            hash_ids: ids,
+        };
+        let a = trace_prompt(&w, &line(vec![1, 2, 3], 30), 10, 0);
+        let b = trace_prompt(&w, &line(vec![1, 2, 9], 30), 10, 0);
+        let c = trace_prompt(&w, &line(vec![1, 2], 15), 10, 0);
+        let toks = |s: &str| s.split(' ').skip(1).map(str::to_owned).collect::<Vec<_>>();
+        let (ta, tb, tc) = (toks(&a), toks(&b), toks(&c));
+        assert_eq!(ta.len(), 30);
+        assert_eq!(tc.len(), 15, "the last block is cut to input_length");
+        assert_eq!(ta[..20], tb[..20], "equal hash ids give equal blocks");
+        assert_ne!(
+            ta[20..],
+            tb[20..],
+            "different hash ids give different blocks"
+        );
+        assert_eq!(
+            ta[..15],
+            tc[..],
+            "a truncated block is a prefix of the full one"
+        );
+        // The same id at another position is the same text.
+        let d = trace_prompt(&w, &line(vec![3], 10), 10, 0);
+        assert_eq!(toks(&d), ta[20..]);
+    }
+}
