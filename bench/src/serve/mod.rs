@@ -164,6 +164,27 @@ impl Ctx {
     }
 }
 
+/// Sends `reqs` (request, round, client) in order, each after its arrival slot, all in
+/// flight up to `--max-parallel`; returns when every one has finished.
+async fn submit_in_order(ctx: &Arc<Ctx>, reqs: Vec<(Request, usize, usize)>) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for (req, round, client) in reqs {
+        let ctx = ctx.clone();
+        // The next request is not released before this one has its arrival slot.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tasks.push(tokio::spawn(async move {
+            ctx.arrivals.wait().await;
+            let _ = tx.send(());
+            ctx.issue(req, round, client, false, false).await;
+        }));
+        let _ = rx.await;
+    }
+    for t in tasks {
+        t.await.context("request task")?;
+    }
+    Ok(())
+}
+
 fn user(content: String) -> Msg {
     Msg {
         role: "user",
@@ -300,28 +321,18 @@ pub async fn run_once(
                     order.swap(i, rng.below(i as u64 + 1) as usize);
                 }
             }
-            let mut tasks = Vec::new();
-            for (d, k) in order {
-                let (ctx, p) = (ctx.clone(), prompt(d, k));
-                let out_len = q.output_len;
-                // In submission order: the next request is not released before this one got
-                // its arrival slot.
-                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-                tasks.push(tokio::spawn(async move {
+            let reqs = order
+                .into_iter()
+                .map(|(d, k)| {
                     let req = Request {
-                        messages: vec![user(p)],
+                        messages: vec![user(prompt(d, k))],
                         input_tokens: tokens,
-                        output_tokens: out_len,
+                        output_tokens: q.output_len,
                     };
-                    ctx.arrivals.wait().await;
-                    let _ = tx.send(());
-                    ctx.issue(req, 1, d, false, false).await;
-                }));
-                let _ = rx.await;
-            }
-            for t in tasks {
-                t.await.context("query task")?;
-            }
+                    (req, 1, d)
+                })
+                .collect();
+            submit_in_order(&ctx, reqs).await?;
         }
         Workload::SharedPrefix(s) => {
             let mut rng = Rng(seed ^ 0x5A3D | 1);
@@ -334,32 +345,25 @@ pub async fn run_once(
             for i in (1..order.len()).rev() {
                 order.swap(i, rng.below(i as u64 + 1) as usize);
             }
-            let mut tasks = Vec::new();
-            for g in order {
-                let messages = vec![
-                    Msg {
-                        role: "system",
-                        content: systems[g].clone(),
-                    },
-                    user(words.text(&mut rng, s.question_len)),
-                ];
-                let req = Request {
-                    messages,
-                    input_tokens: s.system_len + s.question_len,
-                    output_tokens: s.output_len,
-                };
-                let ctx = ctx.clone();
-                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-                tasks.push(tokio::spawn(async move {
-                    ctx.arrivals.wait().await;
-                    let _ = tx.send(());
-                    ctx.issue(req, 0, g, false, false).await;
-                }));
-                let _ = rx.await;
-            }
-            for t in tasks {
-                t.await.context("request task")?;
-            }
+            let reqs = order
+                .into_iter()
+                .map(|g| {
+                    let messages = vec![
+                        Msg {
+                            role: "system",
+                            content: systems[g].clone(),
+                        },
+                        user(words.text(&mut rng, s.question_len)),
+                    ];
+                    let req = Request {
+                        messages,
+                        input_tokens: s.system_len + s.question_len,
+                        output_tokens: s.output_len,
+                    };
+                    (req, 0, g)
+                })
+                .collect();
+            submit_in_order(&ctx, reqs).await?;
         }
         Workload::Trace(tr) => {
             let lines = workload::read_trace(tr)?;
