@@ -28,6 +28,9 @@ enum Script {
     Ramp { first: u64, step: u64, gap: u64 },
     /// Every 4th request gets HTTP 500, every 4th + 1 loses its connection after two tokens.
     Faulty { first: u64, gap: u64 },
+    /// A role-only delta at once, then each token event written byte by byte with CRLF line
+    /// endings; after `[DONE]` the connection stays open for two seconds.
+    Fragmented { first: u64, gap: u64 },
 }
 
 fn serve(script: Script) -> (String, Arc<AtomicUsize>) {
@@ -74,6 +77,7 @@ fn answer(conn: TcpStream, script: Script, count: &AtomicUsize) -> std::io::Resu
     let (first, gap) = match script {
         Script::Steady { first, gap } => (first, gap),
         Script::Ramp { first, step, gap } => (first + step * k, gap),
+        Script::Fragmented { first, gap } => (first, gap),
         Script::Faulty { first, gap } => {
             if k.is_multiple_of(4) {
                 w.write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 5\r\nConnection: close\r\n\r\noops!")?;
@@ -85,6 +89,11 @@ fn answer(conn: TcpStream, script: Script, count: &AtomicUsize) -> std::io::Resu
     w.write_all(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n",
     )?;
+    let fragmented = matches!(script, Script::Fragmented { .. });
+    if fragmented {
+        w.write_all(b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"error\":null}\r\n\r\n")?;
+        w.flush()?;
+    }
     for i in 0..n {
         let at = t0 + Duration::from_millis(first + gap * u64::from(i));
         std::thread::sleep(at.saturating_duration_since(Instant::now()));
@@ -92,16 +101,30 @@ fn answer(conn: TcpStream, script: Script, count: &AtomicUsize) -> std::io::Resu
             // Drop the connection mid-stream.
             return Ok(());
         }
-        w.write_all(
-            format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\" t{i}\"}}}}]}}\n\n")
-                .as_bytes(),
-        )?;
-        w.flush()?;
+        if fragmented {
+            for b in
+                format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\" t{i}\"}}}}]}}\r\n\r\n")
+                    .bytes()
+            {
+                w.write_all(&[b])?;
+                w.flush()?;
+            }
+        } else {
+            w.write_all(
+                format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\" t{i}\"}}}}]}}\n\n")
+                    .as_bytes(),
+            )?;
+            w.flush()?;
+        }
     }
     let usage = format!(
         "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":100,\"completion_tokens\":{n},\"prompt_tokens_details\":{{\"cached_tokens\":25}}}}}}\n\ndata: [DONE]\n\n"
     );
     w.write_all(usage.as_bytes())?;
+    w.flush()?;
+    if fragmented {
+        std::thread::sleep(Duration::from_secs(2));
+    }
     Ok(())
 }
 
@@ -419,4 +442,49 @@ fn a_trace_is_replayed_on_its_timestamps() {
         String::from_utf8_lossy(&bad.stderr)
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn sse_fragments_crlf_and_role_only_deltas_are_parsed() {
+    let (url, _) = serve(Script::Fragmented {
+        first: 300,
+        gap: 20,
+    });
+    let v = run_harness(&url, 6, 8, &[]);
+    assert_eq!(v["completed"], 64, "{:?}", v["errors"]);
+    let ttft = v["mean_ttft_ms"].as_f64().unwrap();
+    assert!(
+        within(ttft, 300.0, 0.02),
+        "the role-only delta is not the first token: TTFT {ttft}"
+    );
+    let e2e = v["mean_e2el_ms"].as_f64().unwrap();
+    assert!(
+        within(e2e, 300.0 + 5.0 * 20.0, 0.03),
+        "the request ends at [DONE], not at the connection's close: {e2e}"
+    );
+    assert_eq!(v["itls"][0].as_array().unwrap().len(), 5);
+}
+
+#[test]
+fn bad_flags_get_a_clear_error() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["--timeout=-1", "long-doc-qa"], "--timeout"),
+        (&["--request-rate=0", "multi-turn"], "request rate"),
+        (&["--percentiles", "50,101", "multi-turn"], "percentiles"),
+        (&["long-doc-qa", "--questions", "0"], "--questions"),
+        (&["--max-parallel", "0", "shared-prefix"], "--max-parallel"),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_strata-bench"))
+            .args(["run", "--quiet"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} ran");
+        assert!(
+            stderr.contains(want) && !stderr.contains("panicked"),
+            "{args:?}: {stderr}"
+        );
+    }
 }

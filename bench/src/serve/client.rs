@@ -146,6 +146,10 @@ pub async fn send(
             out.error = format!("timed out after {:?}", t.timeout);
         }
     }
+    if !out.success {
+        // A failed request still took this long (it counts in the run's duration).
+        out.e2e = t0.elapsed().as_secs_f64();
+    }
     out
 }
 
@@ -188,17 +192,28 @@ async fn stream(
             let data = data.trim();
             if data == "[DONE]" {
                 done = true;
-                continue;
+                break;
             }
             let v: Value =
                 serde_json::from_str(data).map_err(|e| format!("bad event {data:?}: {e}"))?;
-            if let Some(err) = v.get("error") {
+            if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
                 return Err(format!("server error: {err}"));
             }
-            let content = v["choices"][0]["delta"]["content"]
+            let delta = &v["choices"][0]["delta"];
+            let content = delta["content"]
                 .as_str()
                 .or_else(|| v["choices"][0]["text"].as_str())
                 .unwrap_or("");
+            // Reasoning models stream their thinking first: it is output too (as vLLM counts it).
+            let reasoning = delta["reasoning_content"]
+                .as_str()
+                .or_else(|| delta["reasoning"].as_str())
+                .unwrap_or("");
+            let content = if content.is_empty() {
+                reasoning
+            } else {
+                content
+            };
             if !content.is_empty() {
                 match last {
                     None => out.ttft = now.duration_since(t0).as_secs_f64(),
@@ -232,6 +247,10 @@ async fn stream(
                     out.cached_tokens = tm["cache_n"].as_u64().map(|c| c as usize);
                 }
             }
+        }
+        // The response is complete at [DONE], whenever the server closes the connection.
+        if done {
+            break;
         }
     }
     out.e2e = t0.elapsed().as_secs_f64();

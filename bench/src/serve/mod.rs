@@ -115,8 +115,11 @@ impl Arrivals {
         let at = {
             let mut st = self.state.lock().await;
             let u = (st.0.below(1 << 53) as f64 + 0.5) / (1u64 << 53) as f64;
-            let gap = Duration::from_secs_f64(-u.ln() / self.rate);
-            st.1 = st.1.max(Instant::now() - gap) + gap;
+            // Capped at a day: a rate so low that the gap would overflow just means "later".
+            let gap = Duration::try_from_secs_f64(-u.ln() / self.rate)
+                .unwrap_or(Duration::from_secs(86_400))
+                .min(Duration::from_secs(86_400));
+            st.1 = st.1.max(Instant::now()) + gap;
             st.1
         };
         tokio::time::sleep_until(at.into()).await;
@@ -142,10 +145,29 @@ impl Ctx {
         warmup: bool,
         paced: bool,
     ) -> Outcome {
+        self.issue_with(req, round, client, warmup, paced, true)
+            .await
+    }
+
+    /// `bounded`: wait for one of the `--max-parallel` slots (not for trace replay, whose
+    /// timestamps are the load).
+    async fn issue_with(
+        &self,
+        req: Request,
+        round: usize,
+        client: usize,
+        warmup: bool,
+        paced: bool,
+        bounded: bool,
+    ) -> Outcome {
         if paced {
             self.arrivals.wait().await;
         }
-        let _permit = self.sem.acquire().await.expect("semaphore is never closed");
+        let _permit = if bounded {
+            Some(self.sem.acquire().await.expect("semaphore is never closed"))
+        } else {
+            None
+        };
         let outcome = client::send(&self.http, &self.target, &req, self.start).await;
         self.bar.inc(1);
         if !outcome.success {
@@ -200,6 +222,7 @@ pub async fn run_once(
     w: &Workload,
     words: &Arc<Words>,
     rate: f64,
+    seed: u64,
 ) -> anyhow::Result<Summary> {
     let target = Target {
         base_url: t.base_url.clone(),
@@ -240,12 +263,12 @@ pub async fn run_once(
             .context("HTTP client")?,
         target,
         sem: Semaphore::new(l.max_parallel.max(1)),
-        arrivals: Arrivals::new(rate, l.seed),
+        arrivals: Arrivals::new(rate, seed),
         start: Instant::now(),
         bar,
         records: Mutex::new(Vec::new()),
     });
-    let seed = l.seed;
+
     match w {
         Workload::MultiTurn(m) => {
             let barrier = Arc::new(Barrier::new(m.clients));
@@ -254,7 +277,10 @@ pub async fn run_once(
                 let (ctx, words, m, barrier) =
                     (ctx.clone(), words.clone(), m.clone(), barrier.clone());
                 tasks.push(tokio::spawn(async move {
-                    let mut rng = Rng((seed ^ 0x5EED) + 1 + c as u64 * 7919);
+                    let mut rng = Rng((seed ^ 0x5EED)
+                        .wrapping_add(1)
+                        .wrapping_add((c as u64).wrapping_mul(7919))
+                        | 1);
                     let mut history = vec![user(words.text(&mut rng, m.first_len))];
                     let mut tokens = m.first_len;
                     for round in 0..m.rounds {
@@ -291,14 +317,17 @@ pub async fn run_once(
             let prompt = |d: usize, k: usize| format!("{}\n\nQuestion:{}", docs[d], questions[k]);
             let tokens = q.doc_len + q.question_len;
             if !q.no_warmup {
+                let q_doc_len = q.doc_len;
                 let mut tasks = Vec::new();
-                for d in 0..q.documents {
-                    let (ctx, p) = (ctx.clone(), prompt(d, 0));
+                for (d, doc) in docs.iter().enumerate() {
+                    // The document alone: the measured questions then share its prefix, and none
+                    // of them repeats the warm-up's whole prompt.
+                    let (ctx, p) = (ctx.clone(), doc.clone());
                     let out_len = q.output_len;
                     tasks.push(tokio::spawn(async move {
                         let req = Request {
                             messages: vec![user(p)],
-                            input_tokens: tokens,
+                            input_tokens: q_doc_len,
                             output_tokens: out_len,
                         };
                         ctx.issue(req, 0, d, true, false).await;
@@ -374,10 +403,19 @@ pub async fn run_once(
             let mut tasks = Vec::new();
             for (i, line) in lines.into_iter().enumerate() {
                 let prompt = workload::trace_prompt(words, &line, tr.block_tokens, seed);
-                let at = ctx.start
-                    + Duration::from_secs_f64(
-                        ((line.timestamp - t0) / 1e3 * tr.time_scale).max(0.0),
-                    );
+                let offset = Duration::try_from_secs_f64(
+                    ((line.timestamp - t0) / 1e3 * tr.time_scale).max(0.0),
+                )
+                .ok()
+                .filter(|d| *d < Duration::from_secs(30 * 86_400))
+                .with_context(|| {
+                    format!(
+                        "trace line {}: timestamp {} is too far in the future",
+                        i + 1,
+                        line.timestamp
+                    )
+                })?;
+                let at = ctx.start + offset;
                 let req = Request {
                     messages: vec![user(prompt)],
                     input_tokens: line.input_length,
@@ -386,7 +424,7 @@ pub async fn run_once(
                 let ctx = ctx.clone();
                 tasks.push(tokio::spawn(async move {
                     tokio::time::sleep_until(at.into()).await;
-                    ctx.issue(req, 0, i, false, false).await;
+                    ctx.issue_with(req, 0, i, false, false, false).await;
                 }));
             }
             for t in tasks {
@@ -396,6 +434,15 @@ pub async fn run_once(
     }
     ctx.bar.finish_and_clear();
     let mut records = std::mem::take(&mut *ctx.records.lock());
+    let warm_failed = records
+        .iter()
+        .filter(|r| r.warmup && !r.outcome.success)
+        .count();
+    if warm_failed > 0 {
+        eprintln!(
+            "warning: {warm_failed} warm-up request(s) failed; the measured pass may have run cold"
+        );
+    }
     records.retain(|r| !r.warmup);
     let first = records
         .iter()
@@ -439,6 +486,7 @@ fn load_words(l: &LoadArgs) -> anyhow::Result<Arc<Words>> {
 
 /// `strata-bench run`.
 pub fn run(t: TargetArgs, l: LoadArgs, o: OutputArgs, w: Workload) -> anyhow::Result<()> {
+    validate(&t, &l, &w)?;
     let words = load_words(&l)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -449,8 +497,11 @@ pub fn run(t: TargetArgs, l: LoadArgs, o: OutputArgs, w: Workload) -> anyhow::Re
         l.request_rates.clone()
     };
     let mut runs = Vec::new();
-    for rate in &rates {
-        let s = rt.block_on(run_once(&t, &l, &o, &w, &words, *rate))?;
+    for (i, rate) in rates.iter().enumerate() {
+        // A fresh seed per rate: a server must not serve one rate's prompts from the cache
+        // the previous rate filled.
+        let seed = l.seed.wrapping_add(i as u64 * 1_000_003);
+        let s = rt.block_on(run_once(&t, &l, &o, &w, &words, *rate, seed))?;
         let title = format!(
             "{} {} rate {}",
             o.label,
@@ -571,6 +622,74 @@ fn write_plots(dir: &std::path::Path, label: &str, runs: &[(f64, Summary)]) -> a
     Ok(())
 }
 
+/// Refuses flags that would make a meaningless or impossible run.
+fn validate(t: &TargetArgs, l: &LoadArgs, w: &Workload) -> anyhow::Result<()> {
+    if !(t.timeout.is_finite() && t.timeout > 0.0 && t.timeout <= 86_400.0) {
+        bail!(
+            "--timeout must be between 0 and 86400 seconds (got {})",
+            t.timeout
+        );
+    }
+    for r in std::iter::once(&l.request_rate).chain(&l.request_rates) {
+        if !(*r == f64::INFINITY || (r.is_finite() && *r > 0.0)) {
+            bail!("a request rate must be positive or inf (got {r})");
+        }
+    }
+    if let Some(p) = l.percentiles.iter().find(|p| !(0.0..=100.0).contains(*p)) {
+        bail!("percentiles must be within 0..=100 (got {p})");
+    }
+    if !(1..=1 << 20).contains(&l.max_parallel) {
+        bail!(
+            "--max-parallel must be between 1 and {} (got {})",
+            1 << 20,
+            l.max_parallel
+        );
+    }
+    let zero = match w {
+        Workload::MultiTurn(m) => [
+            ("--clients", m.clients),
+            ("--rounds", m.rounds),
+            ("--first-len", m.first_len),
+            ("--output-len", m.output_len),
+        ]
+        .into_iter()
+        .find(|x| x.1 == 0),
+        Workload::LongDocQa(q) => [
+            ("--documents", q.documents),
+            ("--questions", q.questions),
+            ("--doc-len", q.doc_len),
+            ("--output-len", q.output_len),
+        ]
+        .into_iter()
+        .find(|x| x.1 == 0),
+        Workload::SharedPrefix(s) => [
+            ("--groups", s.groups),
+            ("--prompts-per-group", s.prompts_per_group),
+            ("--output-len", s.output_len),
+        ]
+        .into_iter()
+        .find(|x| x.1 == 0),
+        Workload::Trace(tr) => {
+            if !(tr.time_scale.is_finite() && tr.time_scale >= 0.0) {
+                bail!(
+                    "--time-scale must be a finite number ≥ 0 (got {})",
+                    tr.time_scale
+                );
+            }
+            [
+                ("--block-tokens", tr.block_tokens),
+                ("--limit", tr.limit.unwrap_or(1)),
+            ]
+            .into_iter()
+            .find(|x| x.1 == 0)
+        }
+    };
+    if let Some((flag, _)) = zero {
+        bail!("{flag} must be at least 1");
+    }
+    Ok(())
+}
+
 /// `strata-bench compare`: the same workload against two endpoints, alternating.
 pub fn compare(
     t: TargetArgs,
@@ -581,6 +700,7 @@ pub fn compare(
     o: OutputArgs,
     w: Workload,
 ) -> anyhow::Result<()> {
+    validate(&t, &l, &w)?;
     let words = load_words(&l)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -592,12 +712,20 @@ pub fn compare(
     let mut a_runs = Vec::new();
     let mut b_runs = Vec::new();
     for rep in 0..repeats.max(1) {
-        for (which, target, label) in [(0, &t, &labels.0), (1, &tb, &labels.1)] {
+        // Same prompts for A and B within a repeat, fresh ones for the next repeat (so no
+        // endpoint serves a repeat from its own earlier one); the order alternates.
+        let seed = l.seed.wrapping_add(rep as u64 * 1_000_003);
+        let order = if rep % 2 == 0 {
+            [(0, &t, &labels.0), (1, &tb, &labels.1)]
+        } else {
+            [(1, &tb, &labels.1), (0, &t, &labels.0)]
+        };
+        for (which, target, label) in order {
             let oo = OutputArgs {
                 label: format!("{label} #{}", rep + 1),
                 ..o.clone()
             };
-            let s = rt.block_on(run_once(target, &l, &oo, &w, &words, l.request_rate))?;
+            let s = rt.block_on(run_once(target, &l, &oo, &w, &words, l.request_rate, seed))?;
             if which == 0 {
                 a_runs.push(s)
             } else {

@@ -54,7 +54,8 @@ impl Words {
         Ok(Words { words })
     }
 
-    /// `n` tokens of text.
+    /// `n` tokens of text (the first `k` of them are the same for any `n ≥ k` from the same
+    /// generator state).
     pub fn text(&self, rng: &mut Rng, n: usize) -> String {
         (0..n)
             .map(|_| self.words[rng.below(self.words.len() as u64) as usize].as_str())
@@ -210,7 +211,15 @@ pub fn read_trace(t: &Trace) -> anyhow::Result<Vec<TraceLine>> {
     {
         let l: TraceLine = serde_json::from_str(line)
             .with_context(|| format!("{} line {}", t.trace.display(), i + 1))?;
-        if l.hash_ids.len() * t.block_tokens < l.input_length {
+        if l.input_length > 1 << 20 {
+            bail!(
+                "{} line {}: input_length {} is over the supported 1,048,576 tokens",
+                t.trace.display(),
+                i + 1,
+                l.input_length
+            );
+        }
+        if l.hash_ids.len().saturating_mul(t.block_tokens) < l.input_length {
             bail!(
                 "{} line {}: {} hash blocks of {} tokens cannot hold {} input tokens",
                 t.trace.display(),
@@ -242,13 +251,9 @@ pub fn trace_prompt(words: &Words, l: &TraceLine, block_tokens: usize, seed: u64
         }
         let n = left.min(block_tokens);
         let mut rng = Rng(id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed | 1);
-        // Always draw the whole block, so a truncated last block is a prefix of the full one.
-        let block = words.text(&mut rng, block_tokens);
-        let words_of_block: Vec<&str> = block.split(' ').skip(1).collect();
-        for word in &words_of_block[..n] {
-            s.push(' ');
-            s.push_str(word);
-        }
+        // Words are drawn one by one from a generator seeded by the id: the first n words
+        // of a block are the same whether or not the block is cut.
+        s.push_str(&words.text(&mut rng, n));
         left -= n;
     }
     s
