@@ -1,8 +1,12 @@
 //! # strata-bench
 //!
-//! Strata's benchmark harness. `strata-bench micro <suite>` runs one micro suite; every
-//! suite measures its baseline (memcmp, memcpy, ...) in the same run, prints progress to
-//! stderr and ends with one line per figure on stdout: `RESULT <name> <value> <unit>`.
+//! Strata's benchmark harness.
+//!
+//! - `strata-bench micro <suite>` runs one micro suite; every suite measures its baseline
+//!   (memcmp, memcpy, fio, llama.cpp, ...) in the same run, prints progress to stderr and
+//!   ends with one line per figure on stdout: `RESULT <name> <value> <unit>`.
+//! - `strata-bench run <workload>` and `strata-bench compare` drive OpenAI-compatible
+//!   servers with TTFT-study workloads (see the `serve` module).
 
 mod alloc_count;
 mod micro;
