@@ -118,7 +118,7 @@ fn answer(conn: TcpStream, script: Script, count: &AtomicUsize) -> std::io::Resu
         }
     }
     let usage = format!(
-        "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":100,\"completion_tokens\":{n},\"prompt_tokens_details\":{{\"cached_tokens\":25}}}}}}\n\ndata: [DONE]\n\n"
+        "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":100,\"completion_tokens\":{n},\"prompt_tokens_details\":{{\"cached_tokens\":25,\"cached_tokens_by_tier\":{{\"G2\":20,\"G3\":5}}}}}}}}\n\ndata: [DONE]\n\n"
     );
     w.write_all(usage.as_bytes())?;
     w.flush()?;
@@ -180,8 +180,27 @@ fn run_harness(url: &str, output_len: u32, parallel: usize, extra: &[&str]) -> V
     );
     assert!(stdout.contains("Mean TTFT (ms):"), "{stdout}");
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let lines = std::fs::read_to_string(&csv).unwrap().lines().count();
-    assert_eq!(lines, 65, "one CSV line per request plus the header");
+    let csv_text = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(
+        csv_text.lines().count(),
+        65,
+        "one CSV line per request plus the header"
+    );
+    // Per-request tier attribution, when the server reports it.
+    if csv_text
+        .lines()
+        .nth(1)
+        .is_some_and(|l| l.contains(",true,"))
+    {
+        assert!(
+            csv_text
+                .lines()
+                .skip(1)
+                .filter(|l| l.contains(",true,"))
+                .all(|l| l.contains("G2=20 G3=5")),
+            "{csv_text}"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
     v
 }
