@@ -645,30 +645,24 @@ fn validate(t: &TargetArgs, l: &LoadArgs, w: &Workload) -> anyhow::Result<()> {
             l.max_parallel
         );
     }
-    let zero = match w {
-        Workload::MultiTurn(m) => [
+    let counts: Vec<(&str, usize)> = match w {
+        Workload::MultiTurn(m) => vec![
             ("--clients", m.clients),
             ("--rounds", m.rounds),
             ("--first-len", m.first_len),
             ("--output-len", m.output_len),
-        ]
-        .into_iter()
-        .find(|x| x.1 == 0),
-        Workload::LongDocQa(q) => [
+        ],
+        Workload::LongDocQa(q) => vec![
             ("--documents", q.documents),
             ("--questions", q.questions),
             ("--doc-len", q.doc_len),
             ("--output-len", q.output_len),
-        ]
-        .into_iter()
-        .find(|x| x.1 == 0),
-        Workload::SharedPrefix(s) => [
+        ],
+        Workload::SharedPrefix(s) => vec![
             ("--groups", s.groups),
             ("--prompts-per-group", s.prompts_per_group),
             ("--output-len", s.output_len),
-        ]
-        .into_iter()
-        .find(|x| x.1 == 0),
+        ],
         Workload::Trace(tr) => {
             if !(tr.time_scale.is_finite() && tr.time_scale >= 0.0) {
                 bail!(
@@ -676,14 +670,13 @@ fn validate(t: &TargetArgs, l: &LoadArgs, w: &Workload) -> anyhow::Result<()> {
                     tr.time_scale
                 );
             }
-            [
+            vec![
                 ("--block-tokens", tr.block_tokens),
                 ("--limit", tr.limit.unwrap_or(1)),
             ]
-            .into_iter()
-            .find(|x| x.1 == 0)
         }
     };
+    let zero = counts.into_iter().find(|x| x.1 == 0);
     if let Some((flag, _)) = zero {
         bail!("{flag} must be at least 1");
     }
