@@ -48,21 +48,19 @@ fn generate_streams_the_greedy_continuation_and_reports_speed() {
 
 #[test]
 fn chat_generation_stops_at_the_end_of_the_turn() {
-    let out = engine_cmd()
-        .args([
-            "generate",
-            "--chat",
-            "--prompt",
-            "Say hello.",
-            "--max-tokens",
-            "200",
-            "--temperature",
-            "0.7",
-            "--seed",
-            "3",
-        ])
-        .output()
-        .unwrap();
+    const ARGS: [&str; 10] = [
+        "generate",
+        "--chat",
+        "--prompt",
+        "Say hello.",
+        "--max-tokens",
+        "200",
+        "--temperature",
+        "0.7",
+        "--seed",
+        "3",
+    ];
+    let out = engine_cmd().args(ARGS).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -72,21 +70,7 @@ fn chat_generation_stops_at_the_end_of_the_turn() {
         "special tokens are not printed: {stdout}"
     );
     // Same seed, same text.
-    let again = engine_cmd()
-        .args([
-            "generate",
-            "--chat",
-            "--prompt",
-            "Say hello.",
-            "--max-tokens",
-            "200",
-            "--temperature",
-            "0.7",
-            "--seed",
-            "3",
-        ])
-        .output()
-        .unwrap();
+    let again = engine_cmd().args(ARGS).output().unwrap();
     assert_eq!(stdout, String::from_utf8_lossy(&again.stdout));
 }
 
