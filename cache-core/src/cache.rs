@@ -753,17 +753,72 @@ impl TieredCache {
             st.index.match_prefix(ns.root, tokens)
         };
         let requested = tokens.len() / self.inner.config.page_size as usize;
+        Ok(self.lookup_result(m.pages, requested, &m.resident))
+    }
+
+    /// Like [`TieredCache::lookup`], by block keys instead of tokens: how many of `keys`,
+    /// in order, are cached in this namespace as one chain (each page the child of the one
+    /// before). For routers and engines that hash pages themselves. A key of another
+    /// namespace never matches.
+    pub fn lookup_keys(
+        &self,
+        ns: &NamespaceHandle,
+        keys: &[BlockKey],
+    ) -> Result<LookupResult, CacheError> {
+        let limit = self.inner.config.max_tokens_per_call / self.inner.config.page_size as usize;
+        if keys.len() > limit {
+            return Err(CacheError::TooManyTokens {
+                tokens: keys.len() * self.inner.config.page_size as usize,
+                limit: self.inner.config.max_tokens_per_call,
+            });
+        }
+        let mut resident = [0u32; crate::index::MAX_TIERS];
+        let mut matched = 0;
+        {
+            let st = self.inner.state.read();
+            st.check_ns(ns)?;
+            let mut prev: Option<PageId> = None;
+            for key in keys {
+                let Some(p) = st.index.find_key(key) else {
+                    break;
+                };
+                if st.index.parent_page(p) != prev
+                    || (prev.is_none() && st.index.namespace_of(p) != Some(ns.root_key))
+                {
+                    break;
+                }
+                let r = st.index.page(p).resident;
+                if r == 0 {
+                    break;
+                }
+                for (t, c) in resident.iter_mut().enumerate() {
+                    *c += u32::from(r >> t & 1);
+                }
+                matched += 1;
+                prev = Some(p);
+            }
+        }
+        Ok(self.lookup_result(matched, keys.len(), &resident))
+    }
+
+    /// Counts a lookup and estimates its load time (pages come from the fastest tier that
+    /// holds them).
+    fn lookup_result(
+        &self,
+        matched: usize,
+        requested: usize,
+        resident: &[u32; crate::index::MAX_TIERS],
+    ) -> LookupResult {
         self.inner.lookups.fetch_add(1, Ordering::Relaxed);
         let n = self.inner.tiers.len();
         let mut est = Some(Duration::ZERO);
-        let mut remaining = m.pages as u64;
+        let mut remaining = matched as u64;
         for (t, slot) in self.inner.tiers.iter().enumerate() {
-            let have = u64::from(m.resident[t]);
+            let have = u64::from(resident[t]);
             slot.counters.hits.fetch_add(have, Ordering::Relaxed);
             slot.counters
                 .misses
-                .fetch_add(requested as u64 - have, Ordering::Relaxed);
-            // Greedy: pages come from the fastest tier that holds them.
+                .fetch_add((requested as u64).saturating_sub(have), Ordering::Relaxed);
             let take = have.min(remaining);
             remaining -= take;
             if take > 0 {
@@ -777,12 +832,12 @@ impl TieredCache {
                 };
             }
         }
-        Ok(LookupResult {
-            matched_pages: m.pages,
+        LookupResult {
+            matched_pages: matched,
             requested_pages: requested,
-            resident: m.resident[..n].to_vec(),
+            resident: resident[..n].to_vec(),
             estimated_load: est,
-        })
+        }
     }
 
     /// Stores the pages of `tokens` (a whole number of pages) with their blocks, one per
@@ -1276,19 +1331,33 @@ impl TieredCache {
         tokens: &[u32],
         out: &mut [Vec<u8>],
     ) -> Result<ReadReport, CacheError> {
+        self.read_from(ns, tokens, 0, out).await
+    }
+
+    /// Like [`TieredCache::read`], starting at page `skip` of the cached prefix: reads pages
+    /// `skip..skip + out.len()` (those that are cached). For callers that stream a long
+    /// prefix a few blocks at a time. `matched` counts the cached pages of that range.
+    pub async fn read_from(
+        &self,
+        ns: &NamespaceHandle,
+        tokens: &[u32],
+        skip: usize,
+        out: &mut [Vec<u8>],
+    ) -> Result<ReadReport, CacheError> {
         self.check_tokens(tokens, false)?;
         self.check_handle(ns)?;
         self.adopt_suffix(ns, tokens);
         let guard = PinGuard {
             cache: self.clone(),
-            pages: self.acquire(ns, tokens, out.len(), true),
+            pages: self.acquire(ns, tokens, skip.saturating_add(out.len()), true),
         };
+        let range = guard.pages.get(skip..).unwrap_or_default();
         let mut report = ReadReport {
-            matched: guard.pages.len(),
+            matched: range.len(),
             read: 0,
             from_tier: vec![0; self.inner.tiers.len()],
         };
-        'pages: for (i, &p) in guard.pages.iter().enumerate() {
+        'pages: for (i, &p) in range.iter().enumerate() {
             let buf = &mut out[i];
             buf.resize(self.inner.block_bytes, 0);
             for ti in 0..self.inner.tiers.len() {
@@ -1406,6 +1475,34 @@ impl TieredCache {
         let ttl_nanos = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
         let deadline = self.now().saturating_add(ttl_nanos);
         Ok(self.register_lease(pages, deadline))
+    }
+
+    /// Leases the longest cached prefix of `tokens` like [`TieredCache::lease`] and returns,
+    /// with the lease id, the handles in tier `t` of its leading pages that `t` holds (it
+    /// stops at the first page `t` does not hold). While the lease lasts those handles stay
+    /// valid: a leased page is never evicted, so its block is never freed or reused. For
+    /// tiers whose handles mean something to a caller (the host tier's shared slots).
+    pub fn lease_in_tier(
+        &self,
+        ns: &NamespaceHandle,
+        tokens: &[u32],
+        ttl: Duration,
+        t: TierId,
+    ) -> Result<(u64, Vec<BlockHandle>), CacheError> {
+        self.tier(t)?;
+        let (id, _) = self.lease(ns, tokens, ttl)?;
+        let st = self.inner.state.read();
+        let handles = st
+            .leases
+            .get(&id)
+            .map(|l| {
+                l.pages
+                    .iter()
+                    .map_while(|&p| st.index.handle(p, t))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((id, handles))
     }
 
     /// Like [`TieredCache::lease`], but the lease also ends when the returned guard drops.
@@ -1776,6 +1873,26 @@ impl PrefetchTicket {
     /// The lease id.
     pub fn lease(&self) -> u64 {
         self.lease
+    }
+
+    /// Waits until the job has finished or `timeout` has passed; returns whether it has
+    /// finished. Unlike [`PrefetchTicket::finish`] it applies no policy and keeps the ticket.
+    pub async fn wait(&self, timeout: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.shared.notify.notified();
+                if self.shared.done.load(Ordering::Acquire) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+
+    /// Why the job stopped early, if it failed.
+    pub fn error(&self) -> Option<String> {
+        self.shared.error.lock().clone()
     }
 
     /// Asks the job to stop after the block it is copying (the request was cancelled).

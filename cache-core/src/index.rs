@@ -125,6 +125,9 @@ pub struct RadixIndex {
     handles: Vec<Vec<BlockHandle>>,
     roots: HashMap<BlockKey, u32>,
     root_keys: HashMap<u32, BlockKey>,
+    /// Live pages by block key (keys are unique: they chain the whole prefix and its
+    /// namespace).
+    by_key: HashMap<BlockKey, PageId>,
     live_pages: usize,
 }
 
@@ -150,6 +153,7 @@ impl RadixIndex {
             handles: vec![Vec::new(); n_tiers],
             roots: HashMap::new(),
             root_keys: HashMap::new(),
+            by_key: HashMap::new(),
             live_pages: 0,
         })
     }
@@ -194,7 +198,8 @@ impl RadixIndex {
             + self.free_nodes.capacity() * 4
             + self.pages.capacity() * std::mem::size_of::<Page>()
             + self.free_pages.capacity() * 4
-            + self.roots.capacity() * (32 + 4 + 8);
+            + self.roots.capacity() * (32 + 4 + 8)
+            + self.by_key.capacity() * (32 + 4 + 8);
         for h in &self.handles {
             b += h.capacity() * std::mem::size_of::<BlockHandle>();
         }
@@ -270,6 +275,7 @@ impl RadixIndex {
         };
         self.live_pages += 1;
         self.nodes[node as usize].lost += 1;
+        self.by_key.insert(key, PageId(id));
         Ok(PageId(id))
     }
 
@@ -522,6 +528,27 @@ impl RadixIndex {
         }
     }
 
+    /// The live page stored under block key `key`, if any.
+    pub fn find_key(&self, key: &BlockKey) -> Option<PageId> {
+        self.by_key.get(key).copied()
+    }
+
+    /// The page before `p` on its path (`None` for a namespace's first page).
+    pub fn parent_page(&self, p: PageId) -> Option<PageId> {
+        let node = self.pages[p.0 as usize].node;
+        if node == NIL {
+            return None;
+        }
+        let n = &self.nodes[node as usize];
+        let at = n.pages.iter().position(|&q| q == p)?;
+        if at > 0 {
+            return Some(n.pages[at - 1]);
+        }
+        self.nodes
+            .get(n.parent as usize)
+            .and_then(|parent| parent.pages.last().copied())
+    }
+
     /// The root key of the namespace `p` belongs to (walks up the tree).
     pub fn namespace_of(&self, p: PageId) -> Option<BlockKey> {
         let mut n = self.pages[p.0 as usize].node;
@@ -663,6 +690,8 @@ impl RadixIndex {
             n.tokens.truncate(l - ps);
             n.lost -= 1;
             self.pages[p.0 as usize].node = NIL;
+            let key = self.pages[p.0 as usize].key;
+            self.by_key.remove(&key);
             self.free_pages.push(p.0);
             self.live_pages -= 1;
             let candidate = if let Some(&last) = self.nodes[node as usize].pages.last() {
@@ -792,6 +821,18 @@ impl RadixIndex {
                 ));
             }
             seen_pages += n.pages.len();
+            for &p in &n.pages {
+                if self.by_key.get(&self.pages[p.0 as usize].key) != Some(&p) {
+                    return Err(format!("page {} is missing from the key map", p.0));
+                }
+            }
+        }
+        if self.by_key.len() != self.live_pages {
+            return Err(format!(
+                "{} keys mapped for {} live pages",
+                self.by_key.len(),
+                self.live_pages
+            ));
         }
         if seen_pages != self.live_pages {
             return Err(format!(

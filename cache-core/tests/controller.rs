@@ -608,3 +608,88 @@ fn huge_durations_do_not_panic() {
         "over the configured maximum"
     );
 }
+
+#[test]
+fn lookup_by_block_keys_matches_the_token_lookup_and_respects_namespaces() {
+    let s = setup(&[32, 32], WritePolicy::WriteThrough);
+    let a = s.cache.register(&ns(b"tenant-a")).unwrap();
+    let b = s.cache.register(&ns(b"tenant-b")).unwrap();
+    let t = toks(6, 7);
+    insert(&s.cache, &a, &t[..4 * PS], 1);
+    let keys = ns(b"tenant-a").page_keys(&t);
+    let by_keys = s.cache.lookup_keys(&a, &keys).unwrap();
+    let by_tokens = s.cache.lookup(&a, &t).unwrap();
+    assert_eq!(by_keys.matched_pages, 4);
+    assert_eq!(by_keys.requested_pages, 6);
+    assert_eq!(by_keys.resident, by_tokens.resident);
+    // Another tenant's namespace never matches these keys, even given them verbatim.
+    assert_eq!(s.cache.lookup_keys(&b, &keys).unwrap().matched_pages, 0);
+    // Keys out of chain order stop the match where the chain breaks.
+    let skipped = [keys[0], keys[2]];
+    assert_eq!(s.cache.lookup_keys(&a, &skipped).unwrap().matched_pages, 1);
+    assert_eq!(s.cache.lookup_keys(&a, &keys[1..]).unwrap().matched_pages, 0);
+    // Too many keys is the token limit, in pages.
+    let many = vec![keys[0]; 65];
+    assert!(matches!(
+        s.cache.lookup_keys(&a, &many),
+        Err(CacheError::TooManyTokens { .. })
+    ));
+    s.cache.check_invariants().unwrap();
+}
+
+#[test]
+fn read_from_streams_a_prefix_in_pieces() {
+    let s = setup(&[32], WritePolicy::WriteBack);
+    let a = s.cache.register(&ns(b"")).unwrap();
+    let t = toks(5, 3);
+    insert(&s.cache, &a, &t, 9);
+    let mut got = Vec::new();
+    let mut skip = 0;
+    loop {
+        let mut out = vec![Vec::new(); 2];
+        let r = block_on(s.cache.read_from(&a, &t, skip, &mut out)).unwrap();
+        if r.read == 0 {
+            break;
+        }
+        got.extend(out.into_iter().take(r.read));
+        skip += r.read;
+    }
+    assert_eq!(got.len(), 5);
+    for (i, b) in got.iter().enumerate() {
+        assert_eq!(*b, block(i, 9), "page {i}");
+    }
+    let mut out = vec![Vec::new(); 2];
+    let r = block_on(s.cache.read_from(&a, &t, 99, &mut out)).unwrap();
+    assert_eq!((r.matched, r.read), (0, 0));
+}
+
+#[test]
+fn lease_in_tier_hands_out_handles_that_outlive_eviction_pressure() {
+    let s = setup(&[4, 16], WritePolicy::WriteBack);
+    let a = s.cache.register(&ns(b"")).unwrap();
+    let t = toks(4, 5);
+    insert(&s.cache, &a, &t, 2);
+    let (lease, handles) = s
+        .cache
+        .lease_in_tier(&a, &t, Duration::from_secs(5), TierId(0))
+        .unwrap();
+    assert_eq!(handles.len(), 4);
+    // Another prefix cannot push the leased blocks out of the full host tier.
+    let other = toks(4, 6);
+    let blocks: Vec<Vec<u8>> = (0..4).map(|i| block(i, 3)).collect();
+    let refs: Vec<&[u8]> = blocks.iter().map(|b| b.as_slice()).collect();
+    assert!(block_on(s.cache.insert(&a, &other, &refs)).is_err());
+    let mut buf = vec![0u8; ns(b"").block_bytes()];
+    for (i, h) in handles.iter().enumerate() {
+        block_on(s.tiers[0].read(*h, &ns(b"").page_keys(&t)[i], &mut buf)).unwrap();
+        assert_eq!(buf, block(i, 2));
+    }
+    // Once released, the same insert succeeds by moving them down.
+    s.cache.release(lease).unwrap();
+    assert_eq!(insert(&s.cache, &a, &other, 3).stored, 4);
+    assert!(matches!(
+        s.cache.lease_in_tier(&a, &t, Duration::from_secs(1), TierId(7)),
+        Err(CacheError::UnknownTier(_))
+    ));
+    s.cache.check_invariants().unwrap();
+}
