@@ -841,7 +841,9 @@ impl TieredCache {
     }
 
     /// Stores the pages of `tokens` (a whole number of pages) with their blocks, one per
-    /// page. Pages already cached are left as they are. New blocks go to the insert tier,
+    /// page. Pages already cached are left as they are, and their blocks may be given
+    /// empty (so a caller extending a long prefix need not send it again); an empty block
+    /// for a page that is not cached is [`CacheError::MissingBlock`]. New blocks go to the insert tier,
     /// evicting as needed, and, with write-through, to every lower tier too.
     ///
     /// Pages are written in batches that fit the tier and recorded after each batch, so a
@@ -864,7 +866,7 @@ impl TieredCache {
             });
         }
         for (i, b) in blocks.iter().enumerate() {
-            if b.len() != self.inner.block_bytes {
+            if !b.is_empty() && b.len() != self.inner.block_bytes {
                 return Err(CacheError::BlockSize {
                     index: i,
                     got: b.len(),
@@ -900,6 +902,11 @@ impl TieredCache {
                 key,
             )
         };
+        if let Some(i) = blocks[existing..].iter().position(|b| b.is_empty()) {
+            return Err(CacheError::MissingBlock {
+                index: existing + i,
+            });
+        }
         let batch_max = (slot.cap_blocks as usize / 2).clamp(1, 32);
         let mut done = existing;
         let mut stored = 0;

@@ -61,6 +61,12 @@ pub enum CacheError {
         /// The namespace's block size.
         expected: usize,
     },
+    /// A page that is not cached came without its block.
+    #[error("page {index} is not cached and its block was sent empty")]
+    MissingBlock {
+        /// Position of the page in the call.
+        index: usize,
+    },
     /// A lease was asked to end at a time that has already passed.
     #[error("lease deadline is {past_by_ms} ms in the past")]
     LeaseInPast {

@@ -158,6 +158,15 @@ fn bad_input_gets_typed_errors_and_loses_nothing() {
         ),
         "{e}"
     );
+    // Extending a cached prefix: its cached pages may come empty, a missing one may not.
+    let mut longer = t.clone();
+    longer.extend_from_slice(&toks(1, 77));
+    let fourth = block(3, 0);
+    let e = block_on(c.insert(&h, &longer, &[&[], &[], &fourth, &[]])).unwrap_err();
+    assert!(matches!(e, CacheError::MissingBlock { index: 3 }), "{e}");
+    let r = block_on(c.insert(&h, &longer, &[&[], &[], &[], &fourth])).unwrap();
+    assert_eq!((r.existing, r.stored), (3, 1));
+    assert_eq!(read_all(c, &h, &longer).1[3], fourth);
     let e = c.lookup(&h, &toks(65, 1)).unwrap_err();
     assert!(matches!(e, CacheError::TooManyTokens { .. }), "{e}");
     assert!(e.to_string().contains("limit of 1024 tokens"));

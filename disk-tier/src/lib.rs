@@ -702,6 +702,26 @@ impl DiskTier {
         }
     }
 
+    /// Waits (up to `timeout`) for the writes in flight to complete, then asks the device to
+    /// make everything written durable (`fdatasync`). For shutdown: after it, a restart
+    /// finds every block whose write had completed.
+    pub async fn flush(&self, timeout: Duration) -> Result<(), DiskTierError> {
+        let deadline = Instant::now() + timeout;
+        while self.engine.in_flight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let io_err = |source| DiskTierError::Io {
+            what: "syncing",
+            path: self.path.clone(),
+            source,
+        };
+        let file = self._file.try_clone().map_err(io_err)?;
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(|e| io_err(std::io::Error::other(e)))?
+            .map_err(io_err)
+    }
+
     /// Whether a block with this key is stored (owned or not).
     pub fn contains(&self, key: &BlockKey) -> bool {
         self.state.lock().by_key.contains_key(key)
