@@ -636,7 +636,10 @@ fn lookup_by_block_keys_matches_the_token_lookup_and_respects_namespaces() {
     // Keys out of chain order stop the match where the chain breaks.
     let skipped = [keys[0], keys[2]];
     assert_eq!(s.cache.lookup_keys(&a, &skipped).unwrap().matched_pages, 1);
-    assert_eq!(s.cache.lookup_keys(&a, &keys[1..]).unwrap().matched_pages, 0);
+    assert_eq!(
+        s.cache.lookup_keys(&a, &keys[1..]).unwrap().matched_pages,
+        0
+    );
     // Too many keys is the token limit, in pages.
     let many = vec![keys[0]; 65];
     assert!(matches!(
@@ -697,7 +700,8 @@ fn lease_in_tier_hands_out_handles_that_outlive_eviction_pressure() {
     s.cache.release(lease).unwrap();
     assert_eq!(insert(&s.cache, &a, &other, 3).stored, 4);
     assert!(matches!(
-        s.cache.lease_in_tier(&a, &t, Duration::from_secs(1), TierId(7)),
+        s.cache
+            .lease_in_tier(&a, &t, Duration::from_secs(1), TierId(7)),
         Err(CacheError::UnknownTier(_))
     ));
     s.cache.check_invariants().unwrap();

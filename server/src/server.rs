@@ -1,0 +1,419 @@
+//! Starting and stopping the sidecar: tiers, listeners, the gRPC server, the
+//! shared-memory plane, metrics, and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use strata_cache_core::{CacheConfig, EvictionKind, Tier, TierSpec, TieredCache};
+use strata_disk_tier::{DiskTier, DiskTierConfig};
+use strata_host_tier::{Backing, HostPool, HostPoolConfig};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::mpsc;
+
+use crate::auth::Auth;
+use crate::config::SidecarConfig;
+use crate::conn::Conn;
+use crate::pb;
+use crate::service::CacheService;
+use crate::state::Shared;
+
+/// Where a started sidecar listens.
+#[derive(Clone, Debug)]
+pub struct Bound {
+    /// gRPC Unix socket.
+    pub socket: PathBuf,
+    /// Shared-memory socket, if served.
+    pub shm_socket: Option<PathBuf>,
+    /// gRPC TCP address, if any (the real port when 0 was asked for).
+    pub tcp: Option<SocketAddr>,
+    /// Metrics address, if any.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// A sidecar bound to its sockets, ready to serve.
+pub struct Sidecar {
+    shared: Arc<Shared>,
+    bound: Bound,
+    unix: UnixListener,
+    shm: Option<UnixListener>,
+    tcp: Option<(TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
+    metrics: Option<TcpListener>,
+}
+
+/// Binds a Unix socket with mode 0600, creating its directory (0700) if needed and
+/// removing a stale socket file that nobody listens on.
+fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another process is listening on {}; stop it or choose another --socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting mode 0600 on {}", path.display()))?;
+    Ok(l)
+}
+
+fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use tokio_rustls::rustls;
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert).with_context(|| format!("opening {}", cert.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("reading certificates from {}", cert.display()))?;
+    if certs.is_empty() {
+        bail!("no certificate in {}", cert.display());
+    }
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key).with_context(|| format!("opening {}", key.display()))?,
+    ))
+    .with_context(|| format!("reading the private key from {}", key.display()))?
+    .with_context(|| format!("no private key in {}", key.display()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("TLS certificate and key do not match")?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+impl Sidecar {
+    /// Builds the tiers and binds every socket (nothing is served until [`Sidecar::run`]).
+    pub async fn bind(cfg: SidecarConfig) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        let auth = Auth::from_config(&cfg)?;
+        let block = usize::try_from(cfg.block_bytes)?;
+        let mut host_cfg = HostPoolConfig::new(block, cfg.host_capacity);
+        host_cfg.backing = Backing::Memfd;
+        host_cfg.mlock = cfg.mlock;
+        let host = Arc::new(HostPool::new(host_cfg).context("creating the host pool")?);
+        let mut tiers = vec![TierSpec {
+            capacity_bytes: host.slots() as u64 * block as u64,
+            tier: host.clone(),
+            eviction: EvictionKind::Lru,
+        }];
+        let disk = match &cfg.disk_path {
+            Some(p) => {
+                // Segments of an eighth of the tier (at most 256 MiB, at least 4 records),
+                // so small tiers still have the ring of segments reclaim needs.
+                let record = 4096 + block.div_ceil(4096) as u64 * 4096;
+                let mut dcfg = DiskTierConfig::new(p, cfg.disk_capacity, block);
+                dcfg.segment_bytes =
+                    (cfg.disk_capacity / 8 / 4096 * 4096).clamp(4 * record + 8192, 256 << 20);
+                let d = Arc::new(
+                    DiskTier::open(dcfg)
+                        .await
+                        .with_context(|| format!("opening the disk tier at {}", p.display()))?,
+                );
+                tracing::info!(
+                    path = %p.display(),
+                    engine = d.engine_name(),
+                    recovered = d.metrics().recovered_blocks,
+                    "disk tier open"
+                );
+                tiers.push(TierSpec {
+                    capacity_bytes: d.capacity_blocks() * block as u64,
+                    tier: d.clone(),
+                    eviction: EvictionKind::Lru,
+                });
+                Some(d)
+            }
+            None => None,
+        };
+        let cache = TieredCache::new(
+            tiers,
+            CacheConfig {
+                page_size: cfg.page_size,
+                write_policy: cfg.parse_write_policy()?,
+                max_tokens_per_call: cfg.max_tokens_per_call,
+                max_lease: cfg.max_lease,
+                ..CacheConfig::default()
+            },
+        )?;
+        let socket = cfg.socket_path();
+        let unix = bind_unix(&socket)?;
+        let (shm, shm_socket) = if cfg.shm {
+            let p = cfg.shm_socket_path();
+            (Some(bind_unix(&p)?), Some(p))
+        } else {
+            (None, None)
+        };
+        let tcp = match &cfg.tcp {
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding TCP {addr}"))?;
+                let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+                    (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
+                    _ => None,
+                };
+                Some((l, tls))
+            }
+            None => None,
+        };
+        let metrics = if cfg.metrics.is_empty() {
+            None
+        } else {
+            Some(
+                TcpListener::bind(&cfg.metrics)
+                    .await
+                    .with_context(|| format!("binding the metrics address {}", cfg.metrics))?,
+            )
+        };
+        let bound = Bound {
+            socket,
+            shm_socket,
+            tcp: tcp.as_ref().map(|(l, _)| l.local_addr()).transpose()?,
+            metrics: metrics.as_ref().map(|l| l.local_addr()).transpose()?,
+        };
+        let shared = Arc::new(Shared::new(cache, host, disk, auth, cfg));
+        Ok(Sidecar {
+            shared,
+            bound,
+            unix,
+            shm,
+            tcp,
+            metrics,
+        })
+    }
+
+    /// Where it listens.
+    pub fn bound(&self) -> &Bound {
+        &self.bound
+    }
+
+    /// The shared state (for in-process use and tests).
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets calls in flight finish
+    /// (up to the configured grace), ends sessions and flushes the disk tier.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let Sidecar {
+            shared,
+            bound,
+            unix,
+            shm,
+            tcp,
+            metrics,
+        } = self;
+        let cfg = shared.cfg.clone();
+        let (tx, rx) = mpsc::channel::<std::io::Result<Conn>>(64);
+        let mut tasks = Vec::new();
+        {
+            let tx = tx.clone();
+            let shared = shared.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    match unix.accept().await {
+                        Ok((s, _)) => {
+                            let c = Conn::new(Box::new(s), "unix", shared.clone());
+                            if tx.send(Ok(c)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!("accept on the Unix socket: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }));
+        }
+        if let Some((l, tls)) = tcp {
+            let tx = tx.clone();
+            let shared = shared.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let (s, peer) = match l.accept().await {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!("accept on TCP: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = s.set_nodelay(true);
+                    match &tls {
+                        None => {
+                            let c = Conn::new(Box::new(s), "tcp", shared.clone());
+                            if tx.send(Ok(c)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(acc) => {
+                            // Handshakes run on their own so a slow client cannot stall
+                            // accepting.
+                            let (acc, tx, shared) = (acc.clone(), tx.clone(), shared.clone());
+                            tokio::spawn(async move {
+                                match tokio::time::timeout(Duration::from_secs(10), acc.accept(s))
+                                    .await
+                                {
+                                    Ok(Ok(t)) => {
+                                        let c = Conn::new(Box::new(t), "tls", shared);
+                                        let _ = tx.send(Ok(c)).await;
+                                    }
+                                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake: {e}"),
+                                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                                }
+                            });
+                        }
+                    }
+                }
+            }));
+        }
+        drop(tx);
+        if let Some(l) = shm {
+            let shared = shared.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    match l.accept().await {
+                        Ok((s, _)) => {
+                            tokio::spawn(crate::shm::serve_session(shared.clone(), s));
+                        }
+                        Err(e) => {
+                            tracing::warn!("accept on the shared-memory socket: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }));
+        }
+        if let Some(l) = metrics {
+            tasks.push(tokio::spawn(crate::metrics::serve(shared.clone(), l)));
+        }
+        {
+            let shared = shared.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    shared.sweep();
+                }
+            }));
+        }
+
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<pb::cache_server::CacheServer<CacheService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        let max = cfg.max_message as usize;
+        let svc = pb::cache_server::CacheServer::new(CacheService::new(shared.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+        let limit_layer = crate::limits::MessageLimitLayer::new(cfg.max_message);
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tonic::transport::Server::builder()
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(32 << 20))
+            .max_frame_size(Some(1 << 20))
+            .layer(limit_layer)
+            .add_service(health_svc)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            });
+        let mut server = std::pin::pin!(server);
+        println!(
+            "strata-sidecar ready unix={} shm={} tcp={} metrics={}",
+            bound.socket.display(),
+            bound
+                .shm_socket
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "-".into()),
+            bound
+                .tcp
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
+            bound
+                .metrics
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
+        );
+        tokio::select! {
+            r = &mut server => {
+                r.context("gRPC server failed")?;
+            }
+            _ = shutdown => {
+                tracing::info!("shutting down: no new connections; waiting for calls in flight");
+                health
+                    .set_not_serving::<pb::cache_server::CacheServer<CacheService>>()
+                    .await;
+                let _ = shared.shutdown.send(true);
+                let _ = stop_tx.send(());
+                if tokio::time::timeout(cfg.shutdown_grace, &mut server).await.is_err() {
+                    tracing::warn!(
+                        "calls still in flight after {:?}; closing them",
+                        cfg.shutdown_grace
+                    );
+                }
+            }
+        }
+        for t in tasks {
+            t.abort();
+        }
+        if let Some(d) = &shared.disk {
+            match d.flush(Duration::from_secs(5)).await {
+                Ok(()) => tracing::info!("disk tier flushed"),
+                Err(e) => tracing::error!("flushing the disk tier: {e}"),
+            }
+        }
+        let _ = std::fs::remove_file(&bound.socket);
+        if let Some(p) = &bound.shm_socket {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(())
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot watch SIGTERM: {e}");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+    }
+}

@@ -1,0 +1,801 @@
+//! The `strata.v1.Cache` gRPC service.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_util::Stream;
+use strata_cache_core::{
+    BlockKey, CacheError, EventKind, KvDtype, KvLayout, KvShape, Namespace, NamespaceHandle,
+    PrefetchPolicy, TierId, TierKind, TpShape,
+};
+use tonic::{Request, Response, Status};
+
+use crate::auth::Tenant;
+use crate::conn::{ConnInfo, InflightGuard};
+use crate::pb;
+use crate::state::{NsEntry, Owner, Shared, TicketEntry};
+
+/// The service; cheap to clone.
+#[derive(Clone)]
+pub struct CacheService {
+    shared: Arc<Shared>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Maps a cache error to the status a client should see (the message is the error's).
+pub fn status_of(e: CacheError) -> Status {
+    use CacheError::*;
+    let msg = e.to_string();
+    match e {
+        InvalidNamespace(_)
+        | NamespaceMismatch { .. }
+        | PartialPage { .. }
+        | TooManyTokens { .. }
+        | BlockCount { .. }
+        | BlockSize { .. }
+        | MissingBlock { .. }
+        | LeaseInPast { .. }
+        | InvalidConfig(_)
+        | UnknownTier(_) => Status::invalid_argument(msg),
+        UnknownNamespace(_) | UnknownLease(_) => Status::not_found(msg),
+        TierFull(_) | IndexFull => Status::resource_exhausted(msg),
+        Tier { .. } => Status::unavailable(msg),
+    }
+}
+
+fn tier_pb(k: Option<TierKind>) -> i32 {
+    match k {
+        Some(TierKind::Device) => pb::Tier::Device as i32,
+        Some(TierKind::Host) => pb::Tier::Host as i32,
+        Some(TierKind::Disk) => pb::Tier::Disk as i32,
+        Some(TierKind::Remote) => pb::Tier::Remote as i32,
+        None => pb::Tier::Unspecified as i32,
+    }
+}
+
+/// What every call starts with: who is calling, and its slot on the connection.
+struct Call {
+    tenant: Arc<Tenant>,
+    _inflight: Option<InflightGuard>,
+    conn: Option<ConnInfo>,
+}
+
+impl CacheService {
+    /// A service over the shared state.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        CacheService { shared }
+    }
+
+    fn begin<T>(&self, req: &Request<T>) -> Result<Call, Status> {
+        let header = req.metadata().get("authorization").map(|v| v.as_bytes());
+        let tenant = self
+            .shared
+            .auth
+            .tenant(header)
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let conn = req.extensions().get::<ConnInfo>().cloned();
+        let limit = self.shared.cfg.max_inflight_per_connection;
+        let inflight = match &conn {
+            Some(c) => Some(c.enter(limit).ok_or_else(|| {
+                Status::resource_exhausted(format!(
+                    "{limit} calls are already in flight on this connection \
+                     (max_inflight_per_connection); wait for some to finish or open another connection"
+                ))
+            })?),
+            None => None,
+        };
+        Ok(Call {
+            tenant,
+            _inflight: inflight,
+            conn,
+        })
+    }
+
+    fn ns(&self, call: &Call, id: &str) -> Result<NamespaceHandle, Status> {
+        if id.is_empty() {
+            return Err(Status::invalid_argument(
+                "namespace is empty: open one with OpenNamespace and pass its id",
+            ));
+        }
+        self.shared.namespace(&call.tenant, id).ok_or_else(|| {
+            Status::not_found(format!(
+                "unknown namespace {id:?}: open it with OpenNamespace first (ids are per tenant)"
+            ))
+        })
+    }
+
+    fn lease_ttl(&self, ms: u64) -> Result<Duration, Status> {
+        let max = self.shared.cfg.max_lease;
+        if ms == 0 {
+            return Ok(max);
+        }
+        let ttl = Duration::from_millis(ms);
+        if ttl > max {
+            return Err(Status::invalid_argument(format!(
+                "lease of {ms} ms exceeds the max_lease limit of {} ms",
+                max.as_millis()
+            )));
+        }
+        Ok(ttl)
+    }
+
+    fn tokens_limit(&self, n: usize) -> Result<(), Status> {
+        let limit = self.shared.cfg.max_tokens_per_call;
+        if n > limit {
+            return Err(Status::invalid_argument(format!(
+                "{n} tokens exceeds the max_tokens_per_call limit of {limit}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn tier_index(&self, t: i32) -> Result<TierId, Status> {
+        let want = match pb::Tier::try_from(t) {
+            Ok(pb::Tier::Unspecified) | Ok(pb::Tier::Host) => TierKind::Host,
+            Ok(pb::Tier::Disk) => TierKind::Disk,
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "tier {t} is not served by this sidecar (host or disk)"
+                )));
+            }
+        };
+        let stats = self.shared.cache.stats();
+        stats
+            .tiers
+            .iter()
+            .position(|s| s.kind == Some(want))
+            .map(|i| TierId(i as u8))
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("this sidecar has no {} tier", want.as_str()))
+            })
+    }
+
+    fn session(&self, call: &Call, id: u64) -> Result<Arc<crate::shm::ShmSession>, Status> {
+        self.shared
+            .sessions
+            .get(&id)
+            .filter(|s| s.tenant == call.tenant.name)
+            .map(|s| s.clone())
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "unknown shared-memory session {id} (sessions end when their socket closes)"
+                ))
+            })
+    }
+
+    fn observe<T>(&self, method: &'static str, start: Instant, r: &Result<T, Status>) {
+        let code = match r {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.shared.metrics.observe(method, code, start.elapsed());
+    }
+
+    async fn open_namespace_inner(
+        &self,
+        req: Request<pb::OpenNamespaceRequest>,
+    ) -> Result<pb::OpenNamespaceResponse, Status> {
+        let call = self.begin(&req)?;
+        let r = req.into_inner();
+        let fp: [u8; 32] = r.model_fingerprint.as_ref().try_into().map_err(|_| {
+            Status::invalid_argument(format!(
+                "model_fingerprint is {} bytes; it must be 32",
+                r.model_fingerprint.len()
+            ))
+        })?;
+        let dtype = match pb::KvDtype::try_from(r.dtype) {
+            Ok(pb::KvDtype::F32) => KvDtype::F32,
+            Ok(pb::KvDtype::F16) => KvDtype::F16,
+            Ok(pb::KvDtype::Bf16) => KvDtype::Bf16,
+            Ok(pb::KvDtype::Fp8E4m3) => KvDtype::Fp8E4m3,
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "dtype {} is not one of F32, F16, BF16, FP8_E4M3",
+                    r.dtype
+                )));
+            }
+        };
+        let layout = match pb::KvLayout::try_from(r.layout) {
+            Ok(pb::KvLayout::PageFirst) | Ok(pb::KvLayout::Unspecified) => KvLayout::PageFirst,
+            Ok(pb::KvLayout::PageFirstHeadMajor) => KvLayout::PageFirstHeadMajor,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "layout {} is unknown",
+                    r.layout
+                )));
+            }
+        };
+        let tp = if r.tp_world_size == 0 && r.tp_rank == 0 {
+            TpShape::default()
+        } else {
+            TpShape {
+                world_size: u16::try_from(r.tp_world_size)
+                    .map_err(|_| Status::invalid_argument("tp_world_size is over 65535"))?,
+                rank: u16::try_from(r.tp_rank)
+                    .map_err(|_| Status::invalid_argument("tp_rank is over 65535"))?,
+            }
+        };
+        let ns = Namespace::new(
+            fp,
+            dtype,
+            layout,
+            r.page_size,
+            KvShape {
+                num_layers: r.num_layers,
+                num_kv_heads: r.num_kv_heads,
+                head_dim: r.head_dim,
+            },
+            tp,
+            &call.tenant.salt,
+        )
+        .map_err(status_of)?;
+        let cfg = &self.shared.cfg;
+        if ns.page_size() != cfg.page_size {
+            return Err(Status::invalid_argument(format!(
+                "page_size {} differs from this sidecar's {} (--page-size)",
+                ns.page_size(),
+                cfg.page_size
+            )));
+        }
+        if ns.block_bytes() as u64 != cfg.block_bytes {
+            return Err(Status::invalid_argument(format!(
+                "this namespace's blocks are {} bytes; this sidecar stores blocks of {} bytes (--block-bytes)",
+                ns.block_bytes(),
+                cfg.block_bytes
+            )));
+        }
+        let id = ns.root_key();
+        if !self.shared.namespaces.contains_key(&id)
+            && self.shared.namespace_count(&call.tenant) >= call.tenant.max_namespaces
+        {
+            return Err(Status::resource_exhausted(format!(
+                "tenant {} already has {} namespaces (max_namespaces)",
+                call.tenant.name, call.tenant.max_namespaces
+            )));
+        }
+        let handle = self.shared.cache.register(&ns).map_err(status_of)?;
+        self.shared.namespaces.entry(id).or_insert(NsEntry {
+            tenant: call.tenant.name.clone(),
+            handle,
+        });
+        Ok(pb::OpenNamespaceResponse {
+            namespace: id.to_hex(),
+            block_bytes: ns.block_bytes() as u64,
+            page_size: ns.page_size(),
+            max_tokens_per_call: cfg.max_tokens_per_call as u64,
+        })
+    }
+
+    async fn lookup_inner(
+        &self,
+        req: Request<pb::LookupRequest>,
+    ) -> Result<pb::LookupResponse, Status> {
+        let call = self.begin(&req)?;
+        let r = req.into_inner();
+        let ns = self.ns(&call, &r.namespace)?;
+        let res = if !r.keys.is_empty() {
+            if !r.tokens.is_empty() {
+                return Err(Status::invalid_argument("send tokens or keys, not both"));
+            }
+            let mut keys = Vec::with_capacity(r.keys.len());
+            for (i, k) in r.keys.iter().enumerate() {
+                let k: [u8; 32] = k.as_ref().try_into().map_err(|_| {
+                    Status::invalid_argument(format!(
+                        "key {i} is {} bytes; block keys are 32 bytes",
+                        k.len()
+                    ))
+                })?;
+                keys.push(BlockKey(k));
+            }
+            self.tokens_limit(
+                keys.len()
+                    .saturating_mul(self.shared.cfg.page_size as usize),
+            )?;
+            self.shared.cache.lookup_keys(&ns, &keys)
+        } else {
+            self.tokens_limit(r.tokens.len())?;
+            self.shared.cache.lookup(&ns, &r.tokens)
+        }
+        .map_err(status_of)?;
+        let stats = self.shared.cache.stats();
+        Ok(pb::LookupResponse {
+            matched_pages: res.matched_pages as u64,
+            requested_pages: res.requested_pages as u64,
+            tiers: res
+                .resident
+                .iter()
+                .zip(&stats.tiers)
+                .map(|(&n, t)| pb::TierPages {
+                    tier: tier_pb(t.kind),
+                    pages: u64::from(n),
+                })
+                .collect(),
+            estimated_load_us: res.estimated_load.map(|d| d.as_micros() as u64),
+        })
+    }
+
+    async fn prefetch_inner(
+        &self,
+        req: Request<pb::PrefetchRequest>,
+    ) -> Result<pb::PrefetchResponse, Status> {
+        let call = self.begin(&req)?;
+        let r = req.into_inner();
+        let ns = self.ns(&call, &r.namespace)?;
+        self.tokens_limit(r.tokens.len())?;
+        let target = self.tier_index(r.target)?;
+        let ttl = self.lease_ttl(r.lease_ms)?;
+        let policy = match pb::PrefetchPolicy::try_from(r.policy) {
+            Ok(pb::PrefetchPolicy::BestEffort) => PrefetchPolicy::BestEffort,
+            Ok(pb::PrefetchPolicy::Timeout) => PrefetchPolicy::Timeout {
+                base: Duration::from_millis(100),
+                per_page: Duration::from_millis(5),
+            },
+            Ok(_) => PrefetchPolicy::WaitComplete,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "prefetch policy {} is unknown",
+                    r.policy
+                )));
+            }
+        };
+        let (ticket, job) = self
+            .shared
+            .cache
+            .prefetch(&ns, &r.tokens, target, policy, ttl)
+            .map_err(status_of)?;
+        let lease = ticket.lease();
+        let matched = ticket.total();
+        let conn = call.conn.as_ref().map(|c| c.id).unwrap_or(0);
+        self.shared
+            .hold(lease, &call.tenant, Owner::Conn(conn), ttl);
+        tokio::spawn(job.run());
+        let id = self.shared.next_id();
+        self.shared.tickets.insert(
+            id,
+            TicketEntry {
+                tenant: call.tenant.name.clone(),
+                conn,
+                ticket,
+            },
+        );
+        Ok(pb::PrefetchResponse {
+            ticket: id,
+            lease,
+            matched_pages: matched as u64,
+        })
+    }
+
+    async fn prefetch_status_inner(
+        &self,
+        req: Request<pb::PrefetchStatusRequest>,
+    ) -> Result<pb::PrefetchStatusResponse, Status> {
+        let call = self.begin(&req)?;
+        let r = req.into_inner();
+        let unknown = || Status::not_found(format!("unknown prefetch ticket {}", r.ticket));
+        let wait = Duration::from_millis(r.wait_ms.min(60_000));
+        // Wait without holding the map's lock: take a cheap view of the shared state.
+        let (done, ready, total, lease, error) = {
+            let e = self
+                .shared
+                .tickets
+                .get(&r.ticket)
+                .filter(|e| e.tenant == call.tenant.name)
+                .ok_or_else(unknown)?;
+            if !wait.is_zero() && !e.ticket.is_done() {
+                drop(e);
+                let deadline = Instant::now() + wait;
+                loop {
+                    let done = match self.shared.tickets.get(&r.ticket) {
+                        Some(e) => e.ticket.is_done(),
+                        None => return Err(unknown()),
+                    };
+                    if done || Instant::now() >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                let e = self.shared.tickets.get(&r.ticket).ok_or_else(unknown)?;
+                (
+                    e.ticket.is_done(),
+                    e.ticket.ready(),
+                    e.ticket.total(),
+                    e.ticket.lease(),
+                    e.ticket.error(),
+                )
+            } else {
+                (
+                    e.ticket.is_done(),
+                    e.ticket.ready(),
+                    e.ticket.total(),
+                    e.ticket.lease(),
+                    e.ticket.error(),
+                )
+            }
+        };
+        if done {
+            // Reported finished: the ticket is no longer needed (the lease stays).
+            self.shared.tickets.remove(&r.ticket);
+        }
+        Ok(pb::PrefetchStatusResponse {
+            ready_pages: ready as u64,
+            total_pages: total as u64,
+            done,
+            error: error.unwrap_or_default(),
+            lease,
+        })
+    }
+
+    async fn put_inner(&self, req: Request<pb::PutRequest>) -> Result<pb::PutResponse, Status> {
+        let call = self.begin(&req)?;
+        let r = req.into_inner();
+        let ns = self.ns(&call, &r.namespace)?;
+        self.tokens_limit(r.tokens.len())?;
+        let staged: Vec<Vec<u8>>;
+        let blocks: Vec<&[u8]> = if !r.staging_slots.is_empty() {
+            if !r.blocks.is_empty() {
+                return Err(Status::invalid_argument(
+                    "send blocks inline or as staging slots, not both",
+                ));
+            }
+            let id: u64 = r.shm_session.parse().map_err(|_| {
+                Status::invalid_argument("staging_slots need the shm_session they belong to")
+            })?;
+            let session = self.session(&call, id)?;
+            let bb = self.shared.cache.block_bytes();
+            staged = r
+                .staging_slots
+                .iter()
+                .map(|&s| {
+                    if s == u32::MAX {
+                        return Ok(Vec::new());
+                    }
+                    session.copy_slot(s, bb).ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "staging slot {s} does not exist (the session has {})",
+                            session.slots
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            staged.iter().map(|b| b.as_slice()).collect()
+        } else {
+            r.blocks.iter().map(|b| b.as_ref()).collect()
+        };
+        let bytes: u64 = blocks.iter().map(|b| b.len() as u64).sum();
+        let rep = self
+            .shared
+            .cache
+            .insert(&ns, &r.tokens, &blocks)
+            .await
+            .map_err(status_of)?;
+        self.shared.metrics.add_bytes_in(bytes);
+        Ok(pb::PutResponse {
+            pages: rep.pages as u64,
+            existing: rep.existing as u64,
+            stored: rep.stored as u64,
+        })
+    }
+
+    async fn get_inner(
+        &self,
+        req: Request<pb::GetRequest>,
+    ) -> Result<BoxStream<pb::GetResponse>, Status> {
+        let call = self.begin(&req)?;
+        let r = req.into_inner();
+        let ns = self.ns(&call, &r.namespace)?;
+        self.tokens_limit(r.tokens.len())?;
+        let skip = usize::try_from(r.skip_pages).unwrap_or(usize::MAX);
+        let max = match r.max_pages {
+            0 => usize::MAX,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        let cache = &self.shared.cache;
+        if !r.shm_session.is_empty() {
+            let id: u64 = r
+                .shm_session
+                .parse()
+                .map_err(|_| Status::invalid_argument("shm_session is not a session id"))?;
+            let session = self.session(&call, id)?;
+            let ttl = self.lease_ttl(r.lease_ms)?;
+            // Bring what only the disk holds up to the host pool first.
+            let look = cache.lookup(&ns, &r.tokens).map_err(status_of)?;
+            if look.resident.first().copied().unwrap_or(0) < look.matched_pages as u32 {
+                let (ticket, job) = cache
+                    .prefetch(&ns, &r.tokens, TierId(0), PrefetchPolicy::WaitComplete, ttl)
+                    .map_err(status_of)?;
+                job.run().await;
+                let out = ticket.finish().await;
+                let _ = cache.release(out.lease);
+            }
+            let (lease, handles) = cache
+                .lease_in_tier(&ns, &r.tokens, ttl, TierId(0))
+                .map_err(status_of)?;
+            self.shared
+                .hold(lease, &call.tenant, Owner::Session(session.id), ttl);
+            let bb = cache.block_bytes() as u64;
+            let slots: Vec<pb::ShmSlot> = handles
+                .iter()
+                .skip(skip)
+                .take(max)
+                .filter_map(|&h| self.shared.host.slot_offset(h))
+                .map(|off| pb::ShmSlot {
+                    offset: off as u64,
+                    len: bb,
+                })
+                .collect();
+            let msg = pb::GetResponse {
+                page: 0,
+                block: Default::default(),
+                tier: pb::Tier::Host as i32,
+                matched_pages: slots.len() as u64,
+                slots,
+                lease,
+            };
+            return Ok(Box::pin(futures_util::stream::iter([Ok(msg)])));
+        }
+        // Inline: lease the prefix for the stream's life, send one block per message.
+        let lease = cache
+            .lease_guard(&ns, &r.tokens, self.shared.cfg.max_lease)
+            .map_err(status_of)?;
+        let matched = lease.pages().saturating_sub(skip).min(max);
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let shared = self.shared.clone();
+        let tokens = r.tokens;
+        tokio::spawn(async move {
+            let _call = call;
+            let _lease = lease;
+            shared.get_streams.fetch_add(1, Ordering::Relaxed);
+            let header = pb::GetResponse {
+                matched_pages: matched as u64,
+                ..Default::default()
+            };
+            let mut ok = tx.send(Ok(header)).await.is_ok();
+            let stats = shared.cache.stats();
+            let mut i = 0;
+            while ok && i < matched {
+                let mut out = vec![Vec::new(); 1];
+                match shared
+                    .cache
+                    .read_from(&ns, &tokens, skip + i, &mut out)
+                    .await
+                {
+                    Ok(rep) if rep.read == 1 => {
+                        let tier = rep
+                            .from_tier
+                            .iter()
+                            .position(|&n| n > 0)
+                            .and_then(|t| stats.tiers.get(t))
+                            .and_then(|t| t.kind);
+                        let block = out.pop().unwrap_or_default();
+                        shared.metrics.add_bytes_out(block.len() as u64);
+                        let msg = pb::GetResponse {
+                            page: i as u64,
+                            block: block.into(),
+                            tier: tier_pb(tier),
+                            ..Default::default()
+                        };
+                        ok = tx.send(Ok(msg)).await.is_ok();
+                    }
+                    // The page left every tier meanwhile (or failed its check): the stream
+                    // ends short; the client sees fewer blocks than matched_pages.
+                    Ok(_) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(status_of(e))).await;
+                        break;
+                    }
+                }
+                i += 1;
+            }
+            shared.get_streams.fetch_sub(1, Ordering::Relaxed);
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    async fn release_inner(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<pb::ReleaseResponse, Status> {
+        let call = self.begin(&req)?;
+        let r = req.into_inner();
+        let mut released = 0;
+        let mut unknown = Vec::new();
+        for id in r.leases {
+            let mine = self
+                .shared
+                .leases
+                .remove_if(&id, |_, l| l.tenant == call.tenant.name);
+            if mine.is_some() {
+                let _ = self.shared.cache.release(id);
+                released += 1;
+            } else {
+                unknown.push(id);
+            }
+        }
+        if !unknown.is_empty() {
+            return Err(Status::not_found(format!(
+                "unknown or expired leases {unknown:?} ({released} others released)"
+            )));
+        }
+        Ok(pb::ReleaseResponse { released })
+    }
+
+    async fn stats_inner(
+        &self,
+        req: Request<pb::StatsRequest>,
+    ) -> Result<pb::StatsResponse, Status> {
+        let _call = self.begin(&req)?;
+        let s = self.shared.cache.stats();
+        Ok(pb::StatsResponse {
+            tiers: s
+                .tiers
+                .iter()
+                .map(|t| pb::TierStats {
+                    tier: tier_pb(t.kind),
+                    hits: t.hits,
+                    misses: t.misses,
+                    bytes_in: t.bytes_in,
+                    bytes_out: t.bytes_out,
+                    evictions: t.evictions,
+                    resident_bytes: t.resident_bytes,
+                    pinned_bytes: t.pinned_bytes,
+                    capacity_bytes: t.capacity_bytes,
+                    read_errors: t.read_errors,
+                })
+                .collect(),
+            pages: s.pages,
+            leases: s.leases,
+            lookups: s.lookups,
+            connections: self.shared.connections(),
+            shm_sessions: self.shared.sessions.len() as u64,
+            client_leases: self.shared.leases.len() as u64,
+            get_streams: self.shared.get_streams.load(Ordering::Relaxed),
+            block_bytes: self.shared.cache.block_bytes() as u64,
+        })
+    }
+
+    async fn watch_inner(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<BoxStream<pb::WatchEvent>, Status> {
+        let call = self.begin(&req)?;
+        let r = req.into_inner();
+        let ns = self.ns(&call, &r.namespace)?;
+        let id = ns.id();
+        let mut events = self.shared.cache.subscribe();
+        let kinds: Vec<Option<TierKind>> = self
+            .shared
+            .cache
+            .stats()
+            .tiers
+            .iter()
+            .map(|t| t.kind)
+            .collect();
+        let mut stop = self.shared.shutdown.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            let _call = call;
+            loop {
+                let ev = tokio::select! {
+                    ev = events.recv() => ev,
+                    _ = stop.changed() => break,
+                    _ = tx.closed() => break,
+                };
+                let msg = match ev {
+                    Ok(e) if e.namespace == id => pb::WatchEvent {
+                        kind: match e.kind {
+                            EventKind::Stored => pb::watch_event::Kind::Stored as i32,
+                            EventKind::Removed => pb::watch_event::Kind::Removed as i32,
+                        },
+                        tier: tier_pb(kinds.get(e.tier.0 as usize).copied().flatten()),
+                        key: e.key.0.to_vec().into(),
+                        lagged: 0,
+                    },
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => pb::WatchEvent {
+                        kind: pb::watch_event::Kind::Lagged as i32,
+                        lagged: n,
+                        ..Default::default()
+                    },
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cache_server::Cache for CacheService {
+    async fn open_namespace(
+        &self,
+        req: Request<pb::OpenNamespaceRequest>,
+    ) -> Result<Response<pb::OpenNamespaceResponse>, Status> {
+        let start = Instant::now();
+        let r = self.open_namespace_inner(req).await;
+        self.observe("OpenNamespace", start, &r);
+        r.map(Response::new)
+    }
+
+    async fn lookup(
+        &self,
+        req: Request<pb::LookupRequest>,
+    ) -> Result<Response<pb::LookupResponse>, Status> {
+        let start = Instant::now();
+        let r = self.lookup_inner(req).await;
+        self.observe("Lookup", start, &r);
+        r.map(Response::new)
+    }
+
+    async fn prefetch(
+        &self,
+        req: Request<pb::PrefetchRequest>,
+    ) -> Result<Response<pb::PrefetchResponse>, Status> {
+        let start = Instant::now();
+        let r = self.prefetch_inner(req).await;
+        self.observe("Prefetch", start, &r);
+        r.map(Response::new)
+    }
+
+    async fn prefetch_status(
+        &self,
+        req: Request<pb::PrefetchStatusRequest>,
+    ) -> Result<Response<pb::PrefetchStatusResponse>, Status> {
+        let start = Instant::now();
+        let r = self.prefetch_status_inner(req).await;
+        self.observe("PrefetchStatus", start, &r);
+        r.map(Response::new)
+    }
+
+    async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let start = Instant::now();
+        let r = self.put_inner(req).await;
+        self.observe("Put", start, &r);
+        r.map(Response::new)
+    }
+
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let start = Instant::now();
+        let r = self.release_inner(req).await;
+        self.observe("Release", start, &r);
+        r.map(Response::new)
+    }
+
+    async fn stats(
+        &self,
+        req: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        let start = Instant::now();
+        let r = self.stats_inner(req).await;
+        self.observe("Stats", start, &r);
+        r.map(Response::new)
+    }
+
+    type GetStream = BoxStream<pb::GetResponse>;
+    type WatchStream = BoxStream<pb::WatchEvent>;
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<Self::GetStream>, Status> {
+        let start = Instant::now();
+        let r = self.get_inner(req).await;
+        self.observe("Get", start, &r);
+        r.map(Response::new)
+    }
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let start = Instant::now();
+        let r = self.watch_inner(req).await;
+        self.observe("Watch", start, &r);
+        r.map(Response::new)
+    }
+}
