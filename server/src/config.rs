@@ -279,9 +279,10 @@ impl SidecarConfig {
 fn default_socket() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("strata").join("sidecar.sock"),
-        // SAFETY: getuid has no preconditions and cannot fail.
         _ => {
-            PathBuf::from(format!("/tmp/strata-{}", unsafe { libc::getuid() })).join("sidecar.sock")
+            // SAFETY: getuid has no preconditions and cannot fail.
+            let uid = unsafe { libc::getuid() };
+            PathBuf::from(format!("/tmp/strata-{uid}")).join("sidecar.sock")
         }
     }
 }

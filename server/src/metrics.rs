@@ -322,7 +322,7 @@ pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let shared = shared.clone();
                     async move {
-                        let resp = if req.uri().path() == "/metrics" {
+                        if req.uri().path() == "/metrics" {
                             hyper::Response::builder()
                                 .header("content-type", "text/plain; version=0.0.4")
                                 .body(Full::new(Bytes::from(render(&shared))))
@@ -330,8 +330,7 @@ pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
                             hyper::Response::builder()
                                 .status(404)
                                 .body(Full::new(Bytes::from_static(b"not found: try /metrics\n")))
-                        };
-                        resp
+                        }
                     }
                 });
             let io = hyper_util::rt::TokioIo::new(stream);

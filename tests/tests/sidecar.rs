@@ -522,3 +522,60 @@ async fn a_restart_with_the_disk_tier_finds_earlier_blocks() {
         block(7, 4).as_slice()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_on_tcp_round_trips_and_plain_text_is_refused() {
+    let dir = TempDir::new("sidecar-tls");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cp, kp) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+    std::fs::write(&cp, cert.cert.pem()).unwrap();
+    std::fs::write(&kp, cert.signing_key.serialize_pem()).unwrap();
+    let sc = Sidecar::start(
+        &dir.0,
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--token",
+            TOKEN,
+            "--tls-cert",
+            cp.to_str().unwrap(),
+            "--tls-key",
+            kp.to_str().unwrap(),
+        ],
+    );
+    let port = sc
+        .tcp
+        .as_ref()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let url = format!("https://localhost:{port}");
+    let mut c = Client::connect_tls(&url, cert.cert.pem().as_bytes(), "localhost")
+        .await
+        .unwrap()
+        .with_token(TOKEN);
+    let ns = c.open_namespace(&spec(3)).await.unwrap().namespace;
+    let t = tokens(2, 3);
+    c.put(&ns, &t, blocks(2, 3)).await.unwrap();
+    assert_eq!(
+        c.get(&ns, &t).await.unwrap()[1].as_ref(),
+        block(1, 3).as_slice()
+    );
+    // Without the token, TLS or not, nothing.
+    let mut anon = Client::connect_tls(&url, cert.cert.pem().as_bytes(), "localhost")
+        .await
+        .unwrap();
+    assert_eq!(
+        anon.stats().await.unwrap_err().code(),
+        Some(Code::Unauthenticated)
+    );
+    // A plain-text client gets no service from the TLS port.
+    let plain = format!("http://127.0.0.1:{port}");
+    let failed = match Client::connect_tcp(&plain).await {
+        Err(_) => true,
+        Ok(c) => c.with_token(TOKEN).stats().await.is_err(),
+    };
+    assert!(failed, "plain text must not be served on the TLS port");
+}
