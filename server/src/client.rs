@@ -103,6 +103,15 @@ const WINDOW: u32 = 8 << 20;
 const CONN_WINDOW: u32 = 32 << 20;
 const MAX_MESSAGE: usize = 1 << 30;
 
+/// Tokens as little-endian u32s (the `tokens_le` field: far cheaper than varints).
+fn le(tokens: &[u32]) -> Bytes {
+    let mut b = Vec::with_capacity(tokens.len() * 4);
+    for t in tokens {
+        b.extend_from_slice(&t.to_le_bytes());
+    }
+    b.into()
+}
+
 fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
     Ok(Endpoint::from_shared(url.to_string())?
         .initial_stream_window_size(Some(WINDOW))
@@ -197,7 +206,8 @@ impl Client {
     ) -> Result<pb::LookupResponse, ClientError> {
         let r = self.req(pb::LookupRequest {
             namespace: ns.into(),
-            tokens: tokens.to_vec(),
+            tokens: vec![],
+            tokens_le: le(tokens),
             keys: vec![],
         })?;
         Ok(self.inner.lookup(r).await?.into_inner())
@@ -212,6 +222,7 @@ impl Client {
         let r = self.req(pb::LookupRequest {
             namespace: ns.into(),
             tokens: vec![],
+            tokens_le: Bytes::new(),
             keys: keys.iter().map(|k| Bytes::copy_from_slice(k)).collect(),
         })?;
         Ok(self.inner.lookup(r).await?.into_inner())
@@ -228,7 +239,8 @@ impl Client {
     ) -> Result<pb::PrefetchResponse, ClientError> {
         let r = self.req(pb::PrefetchRequest {
             namespace: ns.into(),
-            tokens: tokens.to_vec(),
+            tokens: vec![],
+            tokens_le: le(tokens),
             target: target as i32,
             policy: policy as i32,
             lease_ms: lease.as_millis() as u64,
@@ -258,7 +270,8 @@ impl Client {
     ) -> Result<pb::PutResponse, ClientError> {
         let r = self.req(pb::PutRequest {
             namespace: ns.into(),
-            tokens: tokens.to_vec(),
+            tokens: vec![],
+            tokens_le: le(tokens),
             blocks,
             staging_slots: vec![],
             shm_session: String::new(),
@@ -307,7 +320,8 @@ impl Client {
             }
             let r = self.req(pb::PutRequest {
                 namespace: ns.into(),
-                tokens: tokens[..end * page_size].to_vec(),
+                tokens: vec![],
+                tokens_le: le(&tokens[..end * page_size]),
                 blocks: vec![],
                 staging_slots: slots,
                 shm_session: shm.session().to_string(),
@@ -337,7 +351,8 @@ impl Client {
     ) -> Result<tonic::Streaming<pb::GetResponse>, ClientError> {
         let r = self.req(pb::GetRequest {
             namespace: ns.into(),
-            tokens: tokens.to_vec(),
+            tokens: vec![],
+            tokens_le: le(tokens),
             skip_pages,
             max_pages,
             shm_session: String::new(),
@@ -369,7 +384,8 @@ impl Client {
     ) -> Result<ShmBlocks, ClientError> {
         let r = self.req(pb::GetRequest {
             namespace: ns.into(),
-            tokens: tokens.to_vec(),
+            tokens: vec![],
+            tokens_le: le(tokens),
             skip_pages: 0,
             max_pages: 0,
             shm_session: shm.session().to_string(),

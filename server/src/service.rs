@@ -132,6 +132,30 @@ impl CacheService {
         Ok(())
     }
 
+    /// The call's tokens, from `tokens` or `tokens_le` (not both), within the limit.
+    fn tokens(&self, ids: Vec<u32>, le: &[u8]) -> Result<Vec<u32>, Status> {
+        if le.is_empty() {
+            self.tokens_limit(ids.len())?;
+            return Ok(ids);
+        }
+        if !ids.is_empty() {
+            return Err(Status::invalid_argument(
+                "send tokens or tokens_le, not both",
+            ));
+        }
+        if le.len() % 4 != 0 {
+            return Err(Status::invalid_argument(format!(
+                "tokens_le is {} bytes, not a whole number of u32s",
+                le.len()
+            )));
+        }
+        self.tokens_limit(le.len() / 4)?;
+        Ok(le
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
     fn tier_index(&self, t: i32) -> Result<TierId, Status> {
         let want = match pb::Tier::try_from(t) {
             Ok(pb::Tier::Unspecified) | Ok(pb::Tier::Host) => TierKind::Host,
@@ -277,7 +301,7 @@ impl CacheService {
         let r = req.into_inner();
         let ns = self.ns(&call, &r.namespace)?;
         let res = if !r.keys.is_empty() {
-            if !r.tokens.is_empty() {
+            if !r.tokens.is_empty() || !r.tokens_le.is_empty() {
                 return Err(Status::invalid_argument("send tokens or keys, not both"));
             }
             let mut keys = Vec::with_capacity(r.keys.len());
@@ -296,8 +320,8 @@ impl CacheService {
             )?;
             self.shared.cache.lookup_keys(&ns, &keys)
         } else {
-            self.tokens_limit(r.tokens.len())?;
-            self.shared.cache.lookup(&ns, &r.tokens)
+            let tokens = self.tokens(r.tokens, &r.tokens_le)?;
+            self.shared.cache.lookup(&ns, &tokens)
         }
         .map_err(status_of)?;
         let stats = self.shared.cache.stats();
@@ -324,7 +348,7 @@ impl CacheService {
         let call = self.begin(&req)?;
         let r = req.into_inner();
         let ns = self.ns(&call, &r.namespace)?;
-        self.tokens_limit(r.tokens.len())?;
+        let tokens = self.tokens(r.tokens, &r.tokens_le)?;
         let target = self.tier_index(r.target)?;
         let ttl = self.lease_ttl(r.lease_ms)?;
         let policy = match pb::PrefetchPolicy::try_from(r.policy) {
@@ -344,7 +368,7 @@ impl CacheService {
         let (ticket, job) = self
             .shared
             .cache
-            .prefetch(&ns, &r.tokens, target, policy, ttl)
+            .prefetch(&ns, &tokens, target, policy, ttl)
             .map_err(status_of)?;
         let lease = ticket.lease();
         let matched = ticket.total();
@@ -432,7 +456,7 @@ impl CacheService {
         let call = self.begin(&req)?;
         let r = req.into_inner();
         let ns = self.ns(&call, &r.namespace)?;
-        self.tokens_limit(r.tokens.len())?;
+        let tokens = self.tokens(r.tokens, &r.tokens_le)?;
         let staged: Vec<Vec<u8>>;
         let blocks: Vec<&[u8]> = if !r.staging_slots.is_empty() {
             if !r.blocks.is_empty() {
@@ -468,7 +492,7 @@ impl CacheService {
         let rep = self
             .shared
             .cache
-            .insert(&ns, &r.tokens, &blocks)
+            .insert(&ns, &tokens, &blocks)
             .await
             .map_err(status_of)?;
         self.shared.metrics.add_bytes_in(bytes);
@@ -486,7 +510,7 @@ impl CacheService {
         let call = self.begin(&req)?;
         let r = req.into_inner();
         let ns = self.ns(&call, &r.namespace)?;
-        self.tokens_limit(r.tokens.len())?;
+        let tokens = self.tokens(r.tokens, &r.tokens_le)?;
         let skip = usize::try_from(r.skip_pages).unwrap_or(usize::MAX);
         let max = match r.max_pages {
             0 => usize::MAX,
@@ -501,17 +525,17 @@ impl CacheService {
             let session = self.session(&call, id)?;
             let ttl = self.lease_ttl(r.lease_ms)?;
             // Bring what only the disk holds up to the host pool first.
-            let look = cache.lookup(&ns, &r.tokens).map_err(status_of)?;
+            let look = cache.lookup(&ns, &tokens).map_err(status_of)?;
             if look.resident.first().copied().unwrap_or(0) < look.matched_pages as u32 {
                 let (ticket, job) = cache
-                    .prefetch(&ns, &r.tokens, TierId(0), PrefetchPolicy::WaitComplete, ttl)
+                    .prefetch(&ns, &tokens, TierId(0), PrefetchPolicy::WaitComplete, ttl)
                     .map_err(status_of)?;
                 job.run().await;
                 let out = ticket.finish().await;
                 let _ = cache.release(out.lease);
             }
             let (lease, handles) = cache
-                .lease_in_tier(&ns, &r.tokens, ttl, TierId(0))
+                .lease_in_tier(&ns, &tokens, ttl, TierId(0))
                 .map_err(status_of)?;
             self.shared
                 .hold(lease, &call.tenant, Owner::Session(session.id), ttl);
@@ -538,12 +562,11 @@ impl CacheService {
         }
         // Inline: lease the prefix for the stream's life, send one block per message.
         let lease = cache
-            .lease_guard(&ns, &r.tokens, self.shared.cfg.max_lease)
+            .lease_guard(&ns, &tokens, self.shared.cfg.max_lease)
             .map_err(status_of)?;
         let matched = lease.pages().saturating_sub(skip).min(max);
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let shared = self.shared.clone();
-        let tokens = r.tokens;
         tokio::spawn(async move {
             let _call = call;
             let _lease = lease;

@@ -1,6 +1,5 @@
 //! The binary's command line: help, and clear refusals of bad settings before it binds
-//! anything. (Also makes `cargo test --workspace` build `strata-sidecar`, which the
-//! integration tests in the `tests` crate start.)
+//! anything. (The sidecar's behaviour over its sockets is tested in the `tests` crate.)
 
 use std::process::Command;
 

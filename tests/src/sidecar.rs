@@ -76,8 +76,7 @@ pub fn built_binary(name: &str) -> PathBuf {
     let p = dir.join(name);
     assert!(
         p.exists(),
-        "{} is not built: run the whole suite with `cargo test --workspace` (it builds \
-         strata-server's binary), or `cargo build -p strata-server` first",
+        "{} is not built: cargo builds it with this package's tests (`cargo test -p strata-tests`)",
         p.display()
     );
     p
@@ -104,7 +103,7 @@ impl Sidecar {
     /// flags, and waits for its ready line.
     pub fn start(dir: &Path, extra: &[&str]) -> Sidecar {
         let socket = dir.join("sidecar.sock");
-        let mut cmd = Command::new(built_binary("strata-sidecar"));
+        let mut cmd = Command::new(built_binary("strata-sidecar-under-test"));
         cmd.arg("--socket")
             .arg(&socket)
             .args(["--page-size", "16", "--block-bytes", &BLOCK.to_string()])

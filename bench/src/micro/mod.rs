@@ -4,6 +4,7 @@ mod disk;
 mod engine;
 mod host;
 mod index;
+mod sidecar;
 
 /// The micro suites.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -18,6 +19,9 @@ pub enum Suite {
     /// The engine against llama.cpp's llama-bench: prefill (pp512) and decode (tg128)
     /// tokens/s on the same GGUF file and thread count.
     Engine,
+    /// The sidecar: lookup latency over the Unix socket, shared-memory Get against an
+    /// in-process read, inline gRPC Get over TCP against Redis GET.
+    Sidecar,
 }
 
 /// One figure.
@@ -52,5 +56,6 @@ pub fn run(
         Suite::Host => host::run(quick),
         Suite::Disk => disk::run(quick, dir),
         Suite::Engine => engine::run(quick, threads),
+        Suite::Sidecar => sidecar::run(quick),
     }
 }
