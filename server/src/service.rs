@@ -143,7 +143,7 @@ impl CacheService {
                 "send tokens or tokens_le, not both",
             ));
         }
-        if le.len() % 4 != 0 {
+        if !le.len().is_multiple_of(4) {
             return Err(Status::invalid_argument(format!(
                 "tokens_le is {} bytes, not a whole number of u32s",
                 le.len()
