@@ -34,34 +34,7 @@ use crate::stats::{Rng, median};
 const QD: usize = 32;
 
 fn ensure_fio() -> anyhow::Result<()> {
-    if Command::new("fio").arg("--version").output().is_ok() {
-        return Ok(());
-    }
-    eprintln!("disk: fio is not installed; installing the Debian package fio...");
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    if root {
-        let ok = Command::new("apt-get")
-            .args(["install", "-y", "-qq", "fio"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-            || (Command::new("apt-get")
-                .args(["update", "-qq"])
-                .status()
-                .is_ok()
-                && Command::new("apt-get")
-                    .args(["install", "-y", "-qq", "fio"])
-                    .status()
-                    .map(|s| s.success())
-                    .unwrap_or(false));
-        if ok && Command::new("fio").arg("--version").output().is_ok() {
-            return Ok(());
-        }
-    }
-    bail!(
-        "the disk suite needs fio as its baseline: install it with `apt-get install fio` (Debian/Ubuntu) and run again"
-    )
+    super::ensure_debian_tool("fio", "--version", "fio", "disk")
 }
 
 /// Runs fio over `[offset, offset + size)` of `file`; returns its bandwidth in bytes per

@@ -59,3 +59,42 @@ pub fn run(
         Suite::Sidecar => sidecar::run(quick),
     }
 }
+
+/// Makes sure the baseline `program` runs (`program <version_arg>`), installing the Debian
+/// `package` with apt-get when running as root; otherwise stops with a message saying how.
+pub(crate) fn ensure_debian_tool(
+    program: &str,
+    version_arg: &str,
+    package: &str,
+    suite: &str,
+) -> anyhow::Result<()> {
+    use std::process::Command;
+    let runs = || Command::new(program).arg(version_arg).output().is_ok();
+    if runs() {
+        return Ok(());
+    }
+    eprintln!("{suite}: {program} is not installed; installing the Debian package {package}...");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", package])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        let ok = install()
+            || (Command::new("apt-get")
+                .args(["update", "-qq"])
+                .status()
+                .is_ok()
+                && install());
+        if ok && runs() {
+            return Ok(());
+        }
+    }
+    anyhow::bail!(
+        "the {suite} suite needs {program} as its baseline: install it with `apt-get install {package}` (Debian/Ubuntu) and run again"
+    )
+}

@@ -79,6 +79,7 @@ impl Drop for Redis {
 }
 
 fn start_redis(dir: &std::path::Path) -> anyhow::Result<(Redis, SocketAddr)> {
+    super::ensure_debian_tool("redis-server", "--version", "redis-server", "sidecar")?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
