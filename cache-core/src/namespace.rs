@@ -175,12 +175,14 @@ impl Namespace {
         Ok(ns)
     }
 
+    /// Saturates instead of overflowing: absurd shapes from the wire are refused by the
+    /// size check in `new`, never a panic.
     fn block_bytes_u64(&self) -> u64 {
-        2 * u64::from(self.shape.num_layers)
-            * u64::from(self.shape.num_kv_heads)
-            * u64::from(self.shape.head_dim)
-            * u64::from(self.page_size)
-            * self.dtype.size()
+        2u64.saturating_mul(u64::from(self.shape.num_layers))
+            .saturating_mul(u64::from(self.shape.num_kv_heads))
+            .saturating_mul(u64::from(self.shape.head_dim))
+            .saturating_mul(u64::from(self.page_size))
+            .saturating_mul(self.dtype.size())
     }
 
     /// Bytes of one block: K and V of one page for every layer.

@@ -174,7 +174,12 @@ impl HostPool {
             Backing::Memfd => {
                 // SAFETY: memfd_create with a valid NUL-terminated name; the result is
                 // checked before use.
-                let fd = unsafe { libc::memfd_create(c"strata-g2".as_ptr(), libc::MFD_CLOEXEC) };
+                let fd = unsafe {
+                    libc::memfd_create(
+                        c"strata-g2".as_ptr(),
+                        libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+                    )
+                };
                 if fd < 0 {
                     return Err(HostTierError::Os {
                         what: "memfd_create",
@@ -198,11 +203,26 @@ impl HostPool {
                     o.populate();
                 }
                 // SAFETY: the memfd is private to this process until its descriptor is
-                // handed out, and it is never truncated while mapped.
+                // handed out, and the seals below stop anyone from resizing it afterwards.
                 let m = unsafe { o.map_mut(&file) }.map_err(|source| HostTierError::Os {
                     what: "mapping the memfd",
                     source,
                 })?;
+                // Sealed before anyone else can see it: its size is fixed (a process that
+                // gets the descriptor cannot shrink it under our mapping), and no new
+                // writable mapping or write() is possible, even through a descriptor
+                // reopened read-write; this mapping stays writable.
+                let seals = libc::F_SEAL_SHRINK
+                    | libc::F_SEAL_GROW
+                    | libc::F_SEAL_FUTURE_WRITE
+                    | libc::F_SEAL_SEAL;
+                // SAFETY: fcntl on a descriptor we own with a valid command and argument.
+                if unsafe { libc::fcntl(owned.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+                    return Err(HostTierError::Os {
+                        what: "sealing the memfd",
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
                 (m, Some(owned))
             }
         };

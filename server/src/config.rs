@@ -223,8 +223,17 @@ impl SidecarConfig {
         if self.max_inflight_per_connection == 0 {
             return bad("max_inflight_per_connection must be positive".into());
         }
-        if self.max_lease.is_zero() {
-            return bad("max_lease must be positive".into());
+        if self.max_lease.is_zero() || self.max_lease > Duration::from_secs(86_400) {
+            return bad(format!(
+                "max_lease {:?} is outside 1ms..=24h",
+                self.max_lease
+            ));
+        }
+        if !(1..=4096).contains(&self.shm_staging_slots) {
+            return bad(format!(
+                "shm_staging_slots {} is outside 1..=4096",
+                self.shm_staging_slots
+            ));
         }
         self.parse_write_policy()?;
         if self.tcp.is_some() && self.tenants.is_empty() {

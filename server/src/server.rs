@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::unix::fs::DirBuilderExt as _;
+
 use anyhow::{Context, bail};
 use strata_cache_core::{CacheConfig, EvictionKind, Tier, TierSpec, TieredCache};
 use strata_disk_tier::{DiskTier, DiskTierConfig};
@@ -46,7 +48,6 @@ pub struct Sidecar {
 /// Binds a Unix socket with mode 0600, creating its directory (0700) if needed and
 /// removing a stale socket file that nobody listens on.
 fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
         && !dir.exists()
@@ -57,7 +58,44 @@ fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
             .create(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
     }
-    if path.exists() {
+    bind_checked(path)
+}
+
+/// Refuses a default socket directory that another user could have prepared: it must be
+/// a real directory owned by us and closed to everyone else.
+fn check_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let md =
+        std::fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !md.is_dir() || md.uid() != me || md.mode() & 0o077 != 0 {
+        bail!(
+            "{} must be a directory owned by uid {me} with mode 0700 (it is {}, owner {}, mode {:o}); \
+             fix it or choose --socket",
+            dir.display(),
+            if md.is_dir() {
+                "a directory"
+            } else {
+                "not a directory"
+            },
+            md.uid(),
+            md.mode() & 0o7777
+        );
+    }
+    Ok(())
+}
+
+fn bind_checked(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !md.file_type().is_socket() {
+            bail!(
+                "{} exists and is not a socket; refusing to replace it (choose another --socket)",
+                path.display()
+            );
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!(
                 "another process is listening on {}; stop it or choose another --socket",
@@ -154,6 +192,18 @@ impl Sidecar {
             },
         )?;
         let socket = cfg.socket_path();
+        if cfg.socket.is_none()
+            && let Some(dir) = socket.parent()
+        {
+            if !dir.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            check_private_dir(dir)?;
+        }
         let unix = bind_unix(&socket)?;
         let (shm, shm_socket) = if cfg.shm {
             let p = cfg.shm_socket_path();
@@ -336,6 +386,13 @@ impl Sidecar {
         let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
+            // HTTP/2 bounds the streams of a connection (and so the requests it can make us
+            // buffer) at twice the in-flight limit: calls past the limit but within this
+            // bound get RESOURCE_EXHAUSTED naming it, instead of queueing in the client.
+            .max_concurrent_streams(Some(
+                u32::try_from(cfg.max_inflight_per_connection.saturating_mul(2) + 8)
+                    .unwrap_or(u32::MAX),
+            ))
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20))
             .max_frame_size(Some(1 << 20))
@@ -374,7 +431,16 @@ impl Sidecar {
                 health
                     .set_not_serving::<pb::cache_server::CacheServer<CacheService>>()
                     .await;
-                let _ = shared.shutdown.send(true);
+                // Stop accepting at once (queued and new clients are refused, not parked
+                // for the grace period), then let calls in flight finish.
+                for t in &tasks {
+                    t.abort();
+                }
+                let _ = std::fs::remove_file(&bound.socket);
+                if let Some(p) = &bound.shm_socket {
+                    let _ = std::fs::remove_file(p);
+                }
+                shared.shutdown.send_replace(true);
                 let _ = stop_tx.send(());
                 if tokio::time::timeout(cfg.shutdown_grace, &mut server).await.is_err() {
                     tracing::warn!(

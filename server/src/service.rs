@@ -383,6 +383,7 @@ impl CacheService {
                 tenant: call.tenant.name.clone(),
                 conn,
                 ticket,
+                expires: Instant::now() + ttl,
             },
         );
         Ok(pb::PrefetchResponse {
@@ -468,6 +469,20 @@ impl CacheService {
                 Status::invalid_argument("staging_slots need the shm_session they belong to")
             })?;
             let session = self.session(&call, id)?;
+            let pages = tokens.len() / self.shared.cfg.page_size as usize;
+            if r.staging_slots.len() != pages {
+                return Err(Status::invalid_argument(format!(
+                    "{} staging slots for {pages} pages: send one per page (u32::MAX for a cached page)",
+                    r.staging_slots.len()
+                )));
+            }
+            let used = r.staging_slots.iter().filter(|&&s| s != u32::MAX).count();
+            if used > session.slots as usize {
+                return Err(Status::invalid_argument(format!(
+                    "{used} staging slots used; the session has {} (shm_staging_slots)",
+                    session.slots
+                )));
+            }
             let bb = self.shared.cache.block_bytes();
             staged = r
                 .staging_slots
@@ -478,7 +493,7 @@ impl CacheService {
                     }
                     session.copy_slot(s, bb).ok_or_else(|| {
                         Status::invalid_argument(format!(
-                            "staging slot {s} does not exist (the session has {})",
+                            "staging slot {s} does not exist (the session has {}, shm_staging_slots)",
                             session.slots
                         ))
                     })
@@ -577,40 +592,51 @@ impl CacheService {
             };
             let mut ok = tx.send(Ok(header)).await.is_ok();
             let stats = shared.cache.stats();
+            // Read a few pages per call: each read matches the prompt and pins its prefix
+            // again, so one page per read would cost O(pages²) for a long prompt.
+            const CHUNK: usize = 8;
             let mut i = 0;
-            while ok && i < matched {
-                let mut out = vec![Vec::new(); 1];
-                match shared
+            'stream: while ok && i < matched {
+                let n = CHUNK.min(matched - i);
+                let mut out = vec![Vec::new(); n];
+                let rep = match shared
                     .cache
                     .read_from(&ns, &tokens, skip + i, &mut out)
                     .await
                 {
-                    Ok(rep) if rep.read == 1 => {
-                        let tier = rep
-                            .from_tier
-                            .iter()
-                            .position(|&n| n > 0)
-                            .and_then(|t| stats.tiers.get(t))
-                            .and_then(|t| t.kind);
-                        let block = out.pop().unwrap_or_default();
-                        shared.metrics.add_bytes_out(block.len() as u64);
-                        let msg = pb::GetResponse {
-                            page: i as u64,
-                            block: block.into(),
-                            tier: tier_pb(tier),
-                            ..Default::default()
-                        };
-                        ok = tx.send(Ok(msg)).await.is_ok();
-                    }
-                    // The page left every tier meanwhile (or failed its check): the stream
-                    // ends short; the client sees fewer blocks than matched_pages.
-                    Ok(_) => break,
+                    Ok(rep) => rep,
                     Err(e) => {
                         let _ = tx.send(Err(status_of(e))).await;
                         break;
                     }
+                };
+                // Where the chunk's blocks came from, when that was one tier.
+                let tiers: Vec<usize> = (0..rep.from_tier.len())
+                    .filter(|&t| rep.from_tier[t] > 0)
+                    .collect();
+                let tier = match tiers.as_slice() {
+                    [t] => stats.tiers.get(*t).and_then(|t| t.kind),
+                    _ => None,
+                };
+                for block in out.into_iter().take(rep.read) {
+                    shared.metrics.add_bytes_out(block.len() as u64);
+                    let msg = pb::GetResponse {
+                        page: i as u64,
+                        block: block.into(),
+                        tier: tier_pb(tier),
+                        ..Default::default()
+                    };
+                    ok = tx.send(Ok(msg)).await.is_ok();
+                    i += 1;
+                    if !ok {
+                        break 'stream;
+                    }
                 }
-                i += 1;
+                // A page left every tier meanwhile (or failed its check): the stream ends
+                // short; the client sees fewer blocks than matched_pages.
+                if rep.read < n {
+                    break;
+                }
             }
             shared.get_streams.fetch_sub(1, Ordering::Relaxed);
         });

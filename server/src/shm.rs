@@ -1,7 +1,9 @@
 //! The shared-memory data plane. A client on the same host connects to a second Unix
 //! socket (mode 0600), says hello with its token, and receives two descriptors over
 //! `SCM_RIGHTS`: the G2 pool's memfd, **read-only** (opened again through `/proc/self/fd`,
-//! so the client's mapping cannot write other blocks), and a private staging memfd of a few
+//! and sealed against resizing and any new write or writable mapping, so a client cannot
+//! change or truncate other blocks even by reopening it), and a private staging memfd
+//! (size-sealed) of a few
 //! slots it writes blocks into for `Put`. `Get` with the session id then answers with slot
 //! offsets into the pool instead of bytes, under a lease: a leased page is never evicted,
 //! so its slot is not reused until the client releases the lease, the lease expires, or the
@@ -85,7 +87,8 @@ pub struct Hello {
 fn memfd(name: &str, len: u64) -> io::Result<OwnedFd> {
     let cname = std::ffi::CString::new(name).map_err(io::Error::other)?;
     // SAFETY: cname is a valid NUL-terminated string; flags are valid.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -93,6 +96,13 @@ fn memfd(name: &str, len: u64) -> io::Result<OwnedFd> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let f = std::fs::File::from(fd);
     f.set_len(len)?;
+    // The size is fixed before the client gets the descriptor: it cannot shrink the file
+    // under the server's mapping (which would make the server's reads fault).
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor we own with a valid command and argument.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(f.into())
 }
 

@@ -51,6 +51,8 @@ pub struct TicketEntry {
     pub conn: u64,
     /// The cache's ticket.
     pub ticket: PrefetchTicket,
+    /// When its lease ends (the ticket is forgotten then, asked about or not).
+    pub expires: Instant,
 }
 
 /// Everything the sidecar's parts share.
@@ -172,6 +174,7 @@ impl Shared {
         let now = Instant::now();
         self.cache.expire_leases();
         self.leases.retain(|_, l| l.expires > now);
+        self.tickets.retain(|_, t| t.expires > now);
     }
 
     /// The namespace `id` (hex) if `tenant` opened it.

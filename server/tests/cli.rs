@@ -52,3 +52,20 @@ fn a_config_file_with_a_typo_names_the_field() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("host_capacty"), "{err}");
 }
+
+#[test]
+fn a_socket_path_naming_a_regular_file_is_refused_and_the_file_kept() {
+    let p = std::env::temp_dir().join(format!("strata-cli-file-{}", std::process::id()));
+    std::fs::write(&p, "precious").unwrap();
+    let out = sidecar()
+        .args(["--metrics", ""])
+        .arg("--socket")
+        .arg(&p)
+        .output()
+        .unwrap();
+    let kept = std::fs::read_to_string(&p).unwrap_or_default();
+    let _ = std::fs::remove_file(&p);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a socket"));
+    assert_eq!(kept, "precious");
+}

@@ -340,6 +340,13 @@ async fn malformed_input_gets_the_right_status_and_the_server_keeps_serving() {
     big.num_layers = 3;
     let e = c.open_namespace(&big).await.unwrap_err();
     check(e, Code::InvalidArgument, "--block-bytes");
+    // A shape whose block size overflows 64 bits.
+    let mut absurd = spec(1);
+    absurd.num_layers = u32::MAX;
+    absurd.num_kv_heads = u32::MAX;
+    absurd.head_dim = u32::MAX;
+    let e = c.open_namespace(&absurd).await.unwrap_err();
+    check(e, Code::InvalidArgument, "at most");
     // Too many tokens.
     let e = c.lookup(&ns, &tokens(17, 1)).await.unwrap_err();
     check(e, Code::InvalidArgument, "max_tokens_per_call");
