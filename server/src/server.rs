@@ -45,18 +45,23 @@ pub struct Sidecar {
     metrics: Option<TcpListener>,
 }
 
-/// Binds a Unix socket with mode 0600, creating its directory (0700) if needed and
-/// removing a stale socket file that nobody listens on.
-fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+/// Binds a Unix socket with mode 0600, creating its directory (0700) if needed (and, when
+/// `private_dir`, refusing a directory others could have prepared) and removing a stale
+/// socket file that nobody listens on.
+fn bind_unix(path: &Path, private_dir: bool) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
-        && !dir.exists()
     {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+        }
+        if private_dir {
+            check_private_dir(dir)?;
+        }
     }
     bind_checked(path)
 }
@@ -192,22 +197,17 @@ impl Sidecar {
             },
         )?;
         let socket = cfg.socket_path();
-        if cfg.socket.is_none()
-            && let Some(dir) = socket.parent()
-        {
-            if !dir.exists() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-            check_private_dir(dir)?;
-        }
-        let unix = bind_unix(&socket)?;
+        // The default directory is shared ground (/tmp): it must be ours alone.
+        let unix = bind_unix(&socket, cfg.socket.is_none())?;
         let (shm, shm_socket) = if cfg.shm {
             let p = cfg.shm_socket_path();
-            (Some(bind_unix(&p)?), Some(p))
+            (
+                Some(bind_unix(
+                    &p,
+                    cfg.shm_socket.is_none() && cfg.socket.is_none(),
+                )?),
+                Some(p),
+            )
         } else {
             (None, None)
         };
