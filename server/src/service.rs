@@ -401,44 +401,22 @@ impl CacheService {
         let r = req.into_inner();
         let unknown = || Status::not_found(format!("unknown prefetch ticket {}", r.ticket));
         let wait = Duration::from_millis(r.wait_ms.min(60_000));
-        // Wait without holding the map's lock: take a cheap view of the shared state.
-        let (done, ready, total, lease, error) = {
-            let e = self
-                .shared
+        let mine = |id: &u64| {
+            self.shared
                 .tickets
-                .get(&r.ticket)
+                .get(id)
                 .filter(|e| e.tenant == call.tenant.name)
-                .ok_or_else(unknown)?;
-            if !wait.is_zero() && !e.ticket.is_done() {
-                drop(e);
-                let deadline = Instant::now() + wait;
-                loop {
-                    let done = match self.shared.tickets.get(&r.ticket) {
-                        Some(e) => e.ticket.is_done(),
-                        None => return Err(unknown()),
-                    };
-                    if done || Instant::now() >= deadline {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                let e = self.shared.tickets.get(&r.ticket).ok_or_else(unknown)?;
-                (
-                    e.ticket.is_done(),
-                    e.ticket.ready(),
-                    e.ticket.total(),
-                    e.ticket.lease(),
-                    e.ticket.error(),
-                )
-            } else {
-                (
-                    e.ticket.is_done(),
-                    e.ticket.ready(),
-                    e.ticket.total(),
-                    e.ticket.lease(),
-                    e.ticket.error(),
-                )
-            }
+                .map(|e| e.ticket.is_done())
+        };
+        // Poll without holding the map's lock across the sleep.
+        let deadline = Instant::now() + wait;
+        while !mine(&r.ticket).ok_or_else(unknown)? && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let (done, ready, total, lease, error) = {
+            let e = self.shared.tickets.get(&r.ticket).ok_or_else(unknown)?;
+            let t = &e.ticket;
+            (t.is_done(), t.ready(), t.total(), t.lease(), t.error())
         };
         if done {
             // Reported finished: the ticket is no longer needed (the lease stays).
