@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .bytes(".strata.v1")
+        // Counts a request's repeated elements before prost allocates for them.
+        .codec_path("crate::codec::CheckedCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -244,6 +244,18 @@ struct State {
     /// Pages that reached the selective write-through threshold.
     copy_down: Vec<(PageId, BlockKey)>,
     events: tokio::sync::broadcast::Sender<CacheEvent>,
+    /// Quota groups (tenants): their namespaces, blocks per tier and quotas.
+    groups: Groups,
+}
+
+/// Quota groups: namespaces are put in a group ([`TieredCache::set_group`]); the cache
+/// counts each group's blocks per tier and keeps a group with a quota in a tier within it
+/// by evicting that group's own blocks, never another group's.
+#[derive(Default)]
+struct Groups {
+    of_root: HashMap<BlockKey, u32>,
+    blocks: HashMap<u32, Vec<u64>>,
+    quota: HashMap<(u32, u8), u64>,
 }
 
 /// A block became resident in, or left, a tier. Subscribe with [`TieredCache::subscribe`].
@@ -355,7 +367,33 @@ impl State {
         }
     }
 
+    /// The quota group of page `p`'s namespace, if it has one.
+    fn group_of(&self, p: PageId) -> Option<u32> {
+        if self.groups.of_root.is_empty() {
+            return None;
+        }
+        let ns = self.index.namespace_of(p)?;
+        self.groups.of_root.get(&ns).copied()
+    }
+
+    fn count_group(&mut self, p: PageId, t: TierId, up: bool) {
+        if let Some(g) = self.group_of(p) {
+            let n = self.tier_refs.len();
+            let v = self.groups.blocks.entry(g).or_insert_with(|| vec![0; n]);
+            let c = &mut v[t.0 as usize];
+            *c = if up { *c + 1 } else { c.saturating_sub(1) };
+        }
+    }
+
+    /// Whether group `g` holds its quota of blocks in tier `t` (or more).
+    fn group_at_quota(&self, g: u32, t: TierId) -> Option<u64> {
+        let q = *self.groups.quota.get(&(g, t.0))?;
+        let held = self.groups.blocks.get(&g).map_or(0, |v| v[t.0 as usize]);
+        (held >= q).then_some(q)
+    }
+
     fn make_resident(&mut self, p: PageId, t: TierId, h: BlockHandle) {
+        self.count_group(p, t, true);
         self.emit(EventKind::Stored, p, t);
         self.tier_refs[t.0 as usize].set_tag(h, u64::from(p.0));
         self.index.set_resident(p, t, h);
@@ -389,6 +427,10 @@ impl State {
     }
 
     fn clear_copy(&mut self, p: PageId, t: TierId, free: bool) -> bool {
+        if self.index.handle(p, t).is_none() {
+            return false;
+        }
+        self.count_group(p, t, false);
         let Some(h) = self.index.clear_resident(p, t) else {
             return false;
         };
@@ -551,6 +593,7 @@ impl TieredCache {
             namespaces: HashMap::new(),
             copy_down: Vec::new(),
             events: tokio::sync::broadcast::channel(config.event_buffer.max(1)).0,
+            groups: Groups::default(),
         };
         let adopting = tiers.iter().any(|t| t.tier.can_adopt());
         Ok(TieredCache {
@@ -611,6 +654,38 @@ impl TieredCache {
         };
         st.namespaces.insert(root_key, h.clone());
         Ok(h)
+    }
+
+    /// Puts namespace `ns` in quota group `group` (a tenant): its blocks count toward the
+    /// group's usage ([`TieredCache::group_blocks`]) and quotas
+    /// ([`TieredCache::set_group_quota`]). Blocks stored before the call are counted from
+    /// then on as they come and go.
+    pub fn set_group(&self, ns: &NamespaceHandle, group: u32) {
+        let mut st = self.inner.state.write();
+        st.groups.of_root.insert(ns.root_key, group);
+    }
+
+    /// Sets (or with `None` removes) the most blocks group `group` may hold in tier `t`.
+    /// At its quota, a block the group stores there first evicts the group's own least
+    /// recently used block; if none can leave, the store fails with
+    /// [`CacheError::QuotaFull`]. Other groups' blocks are never evicted to make room for
+    /// a group at its quota.
+    pub fn set_group_quota(&self, group: u32, t: TierId, blocks: Option<u64>) {
+        let mut st = self.inner.state.write();
+        match blocks {
+            Some(b) => st.groups.quota.insert((group, t.0), b),
+            None => st.groups.quota.remove(&(group, t.0)),
+        };
+    }
+
+    /// Blocks of group `group` per tier.
+    pub fn group_blocks(&self, group: u32) -> Vec<u64> {
+        let st = self.inner.state.read();
+        st.groups
+            .blocks
+            .get(&group)
+            .cloned()
+            .unwrap_or_else(|| vec![0; st.tier_refs.len()])
     }
 
     /// The handle of a registered namespace, by id.
@@ -876,6 +951,14 @@ impl TieredCache {
         }
         self.check_handle(ns)?;
         self.adopt_suffix(ns, tokens);
+        let group = self
+            .inner
+            .state
+            .read()
+            .groups
+            .of_root
+            .get(&ns.root_key)
+            .copied();
         let t = self.inner.config.insert_tier;
         let slot = self.tier(t)?;
         // The existing prefix; its last page is pinned so that new pages keep a parent.
@@ -918,7 +1001,7 @@ impl TieredCache {
             let mut keys = Vec::with_capacity(end - done);
             for i in done..end {
                 let key = prev_key.chain(&tokens[i * ps..(i + 1) * ps]);
-                if let Err(e) = self.reserve(t).await {
+                if let Err(e) = self.reserve(t, group).await {
                     failure = Some(e);
                     break;
                 }
@@ -1051,7 +1134,7 @@ impl TieredCache {
     /// Writes `data` (the bytes of page `p`, which the caller keeps pinned) into tier `t`
     /// and records it there. A no-op if the page is already there or on its way.
     async fn copy_into(&self, p: PageId, t: TierId, data: &[u8]) -> Result<(), CacheError> {
-        let meta = {
+        let (meta, group) = {
             let mut st = self.inner.state.write();
             debug_assert!(!st.index.is_live(p) || st.index.page(p).pins > 0);
             if !st.index.is_live(p) || st.index.handle(p, t).is_some() || st.index.is_pending(p, t)
@@ -1060,11 +1143,12 @@ impl TieredCache {
             }
             st.index.set_pending(p, t, true);
             let info = st.index.page(p);
-            BlockMeta {
+            let meta = BlockMeta {
                 key: info.key,
                 namespace: st.index.namespace_of(p).unwrap_or(info.key),
                 hits: info.hits,
-            }
+            };
+            (meta, st.group_of(p))
         };
         let _mark = PendingMark {
             cache: self,
@@ -1072,7 +1156,7 @@ impl TieredCache {
             tier: t,
         };
         let mut staging = Staging::new(self, t);
-        self.reserve(t).await?;
+        self.reserve(t, group).await?;
         staging.reserved = 1;
         let slot = self.tier(t)?;
         let h = slot
@@ -1095,10 +1179,13 @@ impl TieredCache {
         Ok(())
     }
 
-    /// Reserves one block of room in tier `t`, evicting (and demoting) as needed.
+    /// Reserves one block of room in tier `t` for a block of quota group `group`,
+    /// evicting (and demoting) as needed: the group's own blocks first while it is at its
+    /// quota there, then any block while the tier is full.
     fn reserve(
         &self,
         t: TierId,
+        group: Option<u32>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CacheError>> + Send + '_>>
     {
         Box::pin(async move {
@@ -1111,11 +1198,21 @@ impl TieredCache {
                     let now = self.now();
                     let mut st = self.inner.state.write();
                     st.housekeeping(now);
-                    if st.occupancy[t.0 as usize] < cap {
+                    let at_quota = group.and_then(|g| Some((g, st.group_at_quota(g, t)?)));
+                    if let Some((g, quota)) = at_quota {
+                        self.pick_victim(&mut st, t, Some(g)).map_err(|_| {
+                            CacheError::QuotaFull {
+                                group: g,
+                                tier: t,
+                                quota,
+                            }
+                        })?
+                    } else if st.occupancy[t.0 as usize] < cap {
                         st.occupancy[t.0 as usize] += 1;
                         return Ok(());
+                    } else {
+                        self.pick_victim(&mut st, t, None)?
                     }
-                    self.pick_victim(&mut st, t)?
                 };
                 match self.handle_victim(t, victim).await {
                     Ok(true) => {}
@@ -1127,26 +1224,41 @@ impl TieredCache {
                     }
                     // The victim could not move down; nothing else is tried, so that a
                     // full lower tier cannot spin this loop.
-                    Err(CacheError::TierFull(_)) => return Err(CacheError::TierFull(t)),
+                    Err(CacheError::TierFull(_) | CacheError::QuotaFull { .. }) => {
+                        return Err(CacheError::TierFull(t));
+                    }
                     Err(e) => return Err(e),
                 }
             }
         })
     }
 
-    /// Chooses and detaches one victim from tier `t` (lock held).
-    fn pick_victim(&self, st: &mut State, t: TierId) -> Result<Victim, CacheError> {
+    /// Chooses and detaches one victim from tier `t` (lock held), of quota group `only`
+    /// when given.
+    fn pick_victim(
+        &self,
+        st: &mut State,
+        t: TierId,
+        only: Option<u32>,
+    ) -> Result<Victim, CacheError> {
         let ti = t.0 as usize;
         let can_demote = self.inner.config.write_policy == WritePolicy::WriteBack
             && ti + 1 < self.inner.tiers.len();
         let State {
-            index, policies, ..
+            index,
+            policies,
+            groups,
+            ..
         } = st;
         let lower = TierId(t.0 + 1);
         let v = policies[ti]
             .victim(&mut |p| {
                 let info = index.page(p);
-                info.pins == 0
+                let in_group = only.is_none_or(|g| {
+                    index.namespace_of(p).and_then(|ns| groups.of_root.get(&ns)) == Some(&g)
+                });
+                in_group
+                    && info.pins == 0
                     && ((can_demote && !index.is_declined(p, lower))
                         || info.resident & !(1 << ti) != 0
                         || index.is_leaf(p))
@@ -1260,7 +1372,7 @@ impl TieredCache {
                 let now = self.now();
                 let mut st = self.inner.state.write();
                 st.housekeeping(now);
-                match self.pick_victim(&mut st, t) {
+                match self.pick_victim(&mut st, t, None) {
                     Ok(v) => v,
                     Err(CacheError::TierFull(_)) => break,
                     Err(e) => return Err(e),

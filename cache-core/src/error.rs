@@ -91,6 +91,19 @@ pub enum CacheError {
         #[source]
         source: TierError,
     },
+    /// A quota group has as many blocks in a tier as its quota allows and none of them
+    /// can leave (all pinned or leased); nothing of another group's is evicted for it.
+    #[error(
+        "quota group {group} holds its quota of {quota} blocks in tier {tier} and none of them can be evicted (all pinned or leased)"
+    )]
+    QuotaFull {
+        /// The group.
+        group: u32,
+        /// The tier.
+        tier: TierId,
+        /// Its quota there, in blocks.
+        quota: u64,
+    },
     /// The index cannot address more pages or nodes (2^32 - 1 of each).
     #[error("index is out of page or node ids")]
     IndexFull,

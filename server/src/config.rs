@@ -90,6 +90,52 @@ pub struct SidecarConfig {
     /// Tenants and their tokens. With none, only the Unix socket is served and every
     /// caller is the `default` tenant.
     pub tenants: Vec<TenantConfig>,
+    /// Tokens that may read global `Stats` (every tenant's figures added up). Tenants'
+    /// tokens only ever see their own usage. Default: none.
+    pub admin_tokens: Vec<String>,
+    /// Bearer token `GET /metrics` requires. The metrics endpoint reports every tenant's
+    /// usage, so with two or more tenants it needs either this or `metrics_public = true`
+    /// (a deliberate choice: pods sharing a network namespace all reach loopback).
+    pub metrics_token: Option<String>,
+    /// Serve `/metrics` without a token even though tenants are configured. Default false.
+    pub metrics_public: bool,
+    /// Most open TCP (and TLS) connections; more are closed at once. Default 256.
+    pub max_tcp_connections: usize,
+    /// Most open connections on the gRPC Unix socket. Default 1024.
+    pub max_unix_connections: usize,
+    /// Most open connections to the metrics endpoint. Default 16.
+    pub max_metrics_connections: usize,
+    /// Most shared-memory sessions, all tenants together. Default 64.
+    pub max_shm_sessions: usize,
+    /// Most inline `Get` streams open at once, all tenants together. Default 64.
+    pub max_get_streams: usize,
+    /// A connection from which nothing has been read for this long is closed (clients
+    /// answer the sidecar's HTTP/2 pings, so a live client is never idle). Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A TCP connection that has not started a request within this time is closed.
+    /// Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub first_request_timeout: Duration,
+    /// A request body that makes no progress for this long fails with
+    /// `DEADLINE_EXCEEDED`, and an inline `Get` whose client reads nothing for this long
+    /// ends. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    /// Longest unary call, from its headers to its answer. Default 90 s.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// HTTP/2 keepalive: a ping this often on every connection. Default 20 s.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// Request bytes being received on one connection at once (e.g. `"128MiB"`).
+    /// Default 2 × `max_message`.
+    #[serde(deserialize_with = "de_opt_size")]
+    pub max_receiving_per_connection: Option<u64>,
+    /// Request bytes being received by the whole sidecar at once. Default 4 ×
+    /// `max_message`.
+    #[serde(deserialize_with = "de_opt_size")]
+    pub max_receiving: Option<u64>,
 }
 
 /// One tenant: who it is, how it proves it, and what separates its blocks.
@@ -117,10 +163,53 @@ pub struct TenantConfig {
     /// Most namespaces the tenant may open. Default 64.
     #[serde(default = "default_max_namespaces")]
     pub max_namespaces: usize,
+    /// What the tenant may use at once; over a quota a call gets `RESOURCE_EXHAUSTED`
+    /// naming it, and nothing of another tenant's is evicted to make room.
+    #[serde(default)]
+    pub quota: Quota,
 }
 
 fn default_max_namespaces() -> usize {
     64
+}
+
+/// One tenant's share of the sidecar. Unset fields are unlimited except where a default
+/// is given.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Quota {
+    /// Bytes of host-tier blocks the tenant may hold leased or pinned (prefetch leases,
+    /// shared-memory `Get` leases, blocks being streamed). Default: unlimited.
+    #[serde(deserialize_with = "de_opt_size")]
+    pub leased_bytes: Option<u64>,
+    /// Bytes of blocks the tenant may have stored in the host tier; past it, its own
+    /// least recently used blocks leave first. Default: unlimited.
+    #[serde(deserialize_with = "de_opt_size")]
+    pub host_bytes: Option<u64>,
+    /// Bytes of blocks the tenant may have stored in the disk tier (as `host_bytes`).
+    #[serde(deserialize_with = "de_opt_size")]
+    pub disk_bytes: Option<u64>,
+    /// Inline `Get` streams open at once. Default 16.
+    pub get_streams: Option<usize>,
+    /// Shared-memory sessions open at once. Default 4.
+    pub shm_sessions: Option<usize>,
+    /// Calls in flight, over all its connections. Default 256.
+    pub inflight: Option<usize>,
+}
+
+impl Quota {
+    /// Inline `Get` streams, defaulted.
+    pub fn get_streams(&self) -> usize {
+        self.get_streams.unwrap_or(16)
+    }
+    /// Shared-memory sessions, defaulted.
+    pub fn shm_sessions(&self) -> usize {
+        self.shm_sessions.unwrap_or(4)
+    }
+    /// Calls in flight, defaulted.
+    pub fn inflight(&self) -> usize {
+        self.inflight.unwrap_or(256)
+    }
 }
 
 /// Bytes of one SmolLM2-135M block: 2 × 30 layers × 3 KV heads × 64 × 64 tokens × 2 bytes.
@@ -150,6 +239,21 @@ impl Default for SidecarConfig {
             shm_staging_slots: 64,
             shutdown_grace: Duration::from_secs(10),
             tenants: Vec::new(),
+            admin_tokens: Vec::new(),
+            metrics_token: None,
+            metrics_public: false,
+            max_tcp_connections: 256,
+            max_unix_connections: 1024,
+            max_metrics_connections: 16,
+            max_shm_sessions: 64,
+            max_get_streams: 64,
+            idle_timeout: Duration::from_secs(60),
+            first_request_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(90),
+            keepalive_interval: Duration::from_secs(20),
+            max_receiving_per_connection: None,
+            max_receiving: None,
         }
     }
 }
@@ -248,8 +352,82 @@ impl SidecarConfig {
         if self.tls_cert.is_some() && self.tcp.is_none() {
             return bad("tls_cert is set but there is no tcp listener".into());
         }
+        for (name, v) in [
+            ("max_tcp_connections", self.max_tcp_connections),
+            ("max_unix_connections", self.max_unix_connections),
+            ("max_metrics_connections", self.max_metrics_connections),
+            ("max_shm_sessions", self.max_shm_sessions),
+            ("max_get_streams", self.max_get_streams),
+        ] {
+            if v == 0 || v > 1_000_000 {
+                return bad(format!("{name} {v} is outside 1..=1000000"));
+            }
+        }
+        for (name, d) in [
+            ("idle_timeout", self.idle_timeout),
+            ("first_request_timeout", self.first_request_timeout),
+            ("stall_timeout", self.stall_timeout),
+            ("request_timeout", self.request_timeout),
+            ("keepalive_interval", self.keepalive_interval),
+        ] {
+            if d < Duration::from_millis(100) || d > Duration::from_secs(86_400) {
+                return bad(format!("{name} {d:?} is outside 100ms..=24h"));
+            }
+        }
+        if self.keepalive_interval >= self.idle_timeout {
+            return bad(format!(
+                "keepalive_interval {:?} must be shorter than idle_timeout {:?} (live clients \
+                 are recognised by their answers to the pings)",
+                self.keepalive_interval, self.idle_timeout
+            ));
+        }
+        if self.max_receiving_per_connection() < self.max_message {
+            return bad(format!(
+                "max_receiving_per_connection {} is less than max_message {}",
+                self.max_receiving_per_connection(),
+                self.max_message
+            ));
+        }
+        if self.max_receiving() < self.max_receiving_per_connection() {
+            return bad(format!(
+                "max_receiving {} is less than max_receiving_per_connection {}",
+                self.max_receiving(),
+                self.max_receiving_per_connection()
+            ));
+        }
+        if self.tenants.len() > 1
+            && !self.metrics.is_empty()
+            && self.metrics_token.is_none()
+            && !self.metrics_public
+        {
+            return bad(
+                "with tenants configured, the metrics endpoint shows every tenant's usage: set \
+                 metrics_token, or metrics_public = true to serve it without one, or metrics = \"\" \
+                 to turn it off"
+                    .into(),
+            );
+        }
+        if let Some(t) = &self.metrics_token
+            && t.len() < 16
+        {
+            return bad("metrics_token is shorter than 16 characters".into());
+        }
+        if self.admin_tokens.iter().any(|t| t.len() < 16) {
+            return bad("an admin token is shorter than 16 characters".into());
+        }
+        let mut salts = std::collections::HashMap::new();
         let mut names = std::collections::HashSet::new();
         for t in &self.tenants {
+            // Equal salts would give two tenants the same namespace ids and block keys:
+            // each could read the other's blocks (after a restart with a disk tier, too).
+            let salt = t.salt.clone().unwrap_or_else(|| t.name.clone());
+            if let Some(other) = salts.insert(salt, &t.name) {
+                return bad(format!(
+                    "tenants {other} and {} have the same cache salt; each tenant needs its own \
+                     (salt defaults to the tenant's name)",
+                    t.name
+                ));
+            }
             if t.name.is_empty() {
                 return bad("a tenant has an empty name".into());
             }
@@ -267,6 +445,37 @@ impl SidecarConfig {
             }
         }
         Ok(())
+    }
+
+    /// Request bytes one connection may have in reception at once, defaulted.
+    pub fn max_receiving_per_connection(&self) -> u64 {
+        self.max_receiving_per_connection
+            .unwrap_or(self.max_message.saturating_mul(2))
+    }
+
+    /// Request bytes the sidecar may have in reception at once, defaulted.
+    pub fn max_receiving(&self) -> u64 {
+        self.max_receiving
+            .unwrap_or(self.max_message.saturating_mul(4))
+    }
+
+    /// Largest request of a call that carries no blocks (everything but `Put`): enough for
+    /// `max_tokens_per_call` tokens at the varint worst case of 5 bytes each, plus room for
+    /// the other fields.
+    pub fn max_control_message(&self) -> u64 {
+        (self.max_tokens_per_call as u64)
+            .saturating_mul(5)
+            .saturating_add(64 << 10)
+            .min(self.max_message)
+    }
+
+    /// Most repeated elements (tokens, keys, blocks, slots, lease ids) one request may
+    /// carry: the tokens of `max_tokens_per_call` plus two per page of them.
+    pub fn max_request_elements(&self) -> usize {
+        let pages = self.max_tokens_per_call / self.page_size.max(1) as usize;
+        self.max_tokens_per_call
+            .saturating_add(pages.saturating_mul(2))
+            .saturating_add(64)
     }
 
     /// The write policy as the cache core knows it.
@@ -324,6 +533,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err(format!("{s:?} is out of range"));
     }
     Ok(v as u64)
+}
+
+fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de_size(d).map(Some)
 }
 
 fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {

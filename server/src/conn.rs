@@ -2,15 +2,88 @@
 //! connection they came on (for the in-flight limit) and so that what a connection holds
 //! (prefetch leases) is released when it closes, however it closes.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
+use crate::gate::Budget;
 use crate::state::Shared;
+
+/// Open connections of one listener, against its cap.
+#[derive(Debug)]
+pub struct Listener {
+    /// `unix`, `tcp`, `tls` or `metrics`.
+    pub kind: &'static str,
+    open: AtomicUsize,
+    max: usize,
+    refused: AtomicU64,
+}
+
+impl Listener {
+    /// A listener of `kind` that holds at most `max` connections.
+    pub fn new(kind: &'static str, max: usize) -> Arc<Self> {
+        Arc::new(Listener {
+            kind,
+            open: AtomicUsize::new(0),
+            max,
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    /// Takes a connection slot; `None` (and the refusal counted) at the cap.
+    pub fn admit(self: &Arc<Self>) -> Option<ListenerSlot> {
+        let mut n = self.open.load(Ordering::Relaxed);
+        loop {
+            if n >= self.max {
+                let r = self.refused.fetch_add(1, Ordering::Relaxed);
+                // Logged once per 1,000 refusals: an attack must not flood the log.
+                if r % 1000 == 0 {
+                    tracing::warn!(
+                        listener = self.kind,
+                        max = self.max,
+                        refused = r + 1,
+                        "connection refused: the listener is at its connection cap"
+                    );
+                }
+                return None;
+            }
+            match self
+                .open
+                .compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(ListenerSlot(self.clone())),
+                Err(v) => n = v,
+            }
+        }
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Connections refused at the cap so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+/// One open connection of a [`Listener`]; frees its slot on drop.
+#[derive(Debug)]
+pub struct ListenerSlot(Arc<Listener>);
+
+impl Drop for ListenerSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// What calls on one connection share.
 #[derive(Debug)]
@@ -20,6 +93,9 @@ pub struct ConnState {
     /// `unix`, `tcp` or `tls`.
     pub kind: &'static str,
     inflight: AtomicUsize,
+    /// Request bytes being received on this connection.
+    pub receiving: Budget,
+    requests: AtomicU64,
 }
 
 /// The connection info tonic attaches to each request.
@@ -41,33 +117,74 @@ impl ConnState {
         let guard = InflightGuard(self.clone());
         (n < limit).then_some(guard)
     }
+
+    /// A request arrived (seen by the gate).
+    pub fn request_started(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests seen on this connection.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
 }
 
 /// Any byte stream a connection can run over.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
-/// An accepted connection.
+/// An accepted connection. It closes itself (the next read fails with `TimedOut`) when
+/// nothing has been read from it for `idle_timeout`, and a TCP connection also when it
+/// has not started a request within `first_request_timeout`.
 pub struct Conn {
     io: Box<dyn Io>,
     state: Arc<ConnState>,
     shared: Arc<Shared>,
+    _slot: ListenerSlot,
+    idle: Duration,
+    idle_timer: Pin<Box<Sleep>>,
+    first_request: Option<Pin<Box<Sleep>>>,
 }
 
 impl Conn {
-    /// Wraps an accepted stream.
-    pub fn new(io: Box<dyn Io>, kind: &'static str, shared: Arc<Shared>) -> Self {
+    /// Wraps an accepted stream that holds `slot` of its listener.
+    pub fn new(io: Box<dyn Io>, slot: ListenerSlot, shared: Arc<Shared>) -> Self {
         let id = shared.next_id();
+        let kind = slot.0.kind;
         shared.connection_opened();
+        let idle = shared.cfg.idle_timeout;
+        let first_request = (kind != "unix")
+            .then(|| Box::pin(tokio::time::sleep(shared.cfg.first_request_timeout)));
         Conn {
             io,
             state: Arc::new(ConnState {
                 id,
                 kind,
                 inflight: AtomicUsize::new(0),
+                receiving: Budget::default(),
+                requests: AtomicU64::new(0),
             }),
             shared,
+            _slot: slot,
+            idle,
+            idle_timer: Box::pin(tokio::time::sleep(idle)),
+            first_request,
         }
+    }
+
+    /// Whether a timer says the connection should close (polled while a read waits).
+    fn timed_out(&mut self, cx: &mut Context<'_>) -> Option<&'static str> {
+        if self.idle_timer.as_mut().poll(cx).is_ready() {
+            return Some("nothing read for idle_timeout");
+        }
+        if let Some(t) = &mut self.first_request {
+            if self.state.requests() > 0 {
+                self.first_request = None;
+            } else if t.as_mut().poll(cx).is_ready() {
+                return Some("no request within first_request_timeout");
+            }
+        }
+        None
     }
 }
 
@@ -90,7 +207,29 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        match Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    let deadline = Instant::now() + self.idle;
+                    self.idle_timer.as_mut().reset(deadline);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match self.timed_out(cx) {
+                Some(why) => {
+                    tracing::debug!(
+                        conn = self.state.id,
+                        kind = self.state.kind,
+                        "closing: {why}"
+                    );
+                    self.shared.metrics.connection_timed_out(self.state.kind);
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)))
+                }
+                None => Poll::Pending,
+            },
+            other => other,
+        }
     }
 }
 

@@ -21,8 +21,10 @@
 
 pub mod auth;
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod conn;
+pub mod gate;
 pub mod limits;
 pub mod metrics;
 pub mod server;

@@ -30,6 +30,8 @@ pub struct Metrics {
     latency: DashMap<&'static str, Histogram>,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    unauthenticated: DashMap<&'static str, AtomicU64>,
+    timed_out: DashMap<&'static str, AtomicU64>,
 }
 
 impl Metrics {
@@ -54,6 +56,22 @@ impl Metrics {
     /// Counts block bytes received inline or through staging slots.
     pub fn add_bytes_in(&self, n: u64) {
         self.bytes_in.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a request refused on its headers (no or unknown token) on a listener.
+    pub fn refused_unauthenticated(&self, listener: &'static str) {
+        self.unauthenticated
+            .entry(listener)
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection closed by a timeout (idle, or no first request).
+    pub fn connection_timed_out(&self, listener: &'static str) {
+        self.timed_out
+            .entry(listener)
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts block bytes sent inline.
@@ -155,6 +173,126 @@ pub fn render(shared: &Shared) -> String {
         m.bytes_in.load(Ordering::Relaxed),
         m.bytes_out.load(Ordering::Relaxed)
     );
+    let per_listener =
+        |o: &mut String, name: &str, help: &str, map: &DashMap<&'static str, AtomicU64>| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+            for e in map.iter() {
+                let _ = writeln!(
+                    o,
+                    "{name}{{listener=\"{}\"}} {}",
+                    e.key(),
+                    e.value().load(Ordering::Relaxed)
+                );
+            }
+        };
+    per_listener(
+        &mut o,
+        "strata_sidecar_unauthenticated_total",
+        "Requests refused on their headers (missing or unknown token).",
+        &m.unauthenticated,
+    );
+    per_listener(
+        &mut o,
+        "strata_sidecar_connection_timeouts_total",
+        "Connections closed because nothing was read for idle_timeout or no request came.",
+        &m.timed_out,
+    );
+    {
+        let ls = shared.listeners.lock();
+        let _ = writeln!(
+            o,
+            "# HELP strata_sidecar_listener_connections Open connections per listener.\n# TYPE strata_sidecar_listener_connections gauge"
+        );
+        for l in ls.iter() {
+            let _ = writeln!(
+                o,
+                "strata_sidecar_listener_connections{{listener=\"{}\"}} {}",
+                l.kind,
+                l.open()
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP strata_sidecar_refused_connections_total Connections closed at once because their listener was at its cap.\n# TYPE strata_sidecar_refused_connections_total counter"
+        );
+        for l in ls.iter() {
+            let _ = writeln!(
+                o,
+                "strata_sidecar_refused_connections_total{{listener=\"{}\"}} {}",
+                l.kind,
+                l.refused()
+            );
+        }
+    }
+    gauge(
+        &mut o,
+        "strata_sidecar_receiving_bytes",
+        "Request bytes being received now (max_receiving bounds it).",
+        shared.receiving.used(),
+    );
+    // Per-tenant usage (the endpoint is for the operator: it needs metrics_token or
+    // metrics_public when several tenants share the sidecar).
+    let bb = shared.cache.block_bytes() as u64;
+    type TenantField = (
+        &'static str,
+        &'static str,
+        fn(&crate::auth::Tenant, &Shared) -> u64,
+    );
+    let tenant_fields: [TenantField; 8] = [
+        (
+            "strata_tenant_host_bytes",
+            "Bytes of the tenant's blocks in the host tier.",
+            |t, s| {
+                s.cache.group_blocks(t.group).first().copied().unwrap_or(0)
+                    * s.cache.block_bytes() as u64
+            },
+        ),
+        (
+            "strata_tenant_disk_bytes",
+            "Bytes of the tenant's blocks in the disk tier.",
+            |t, s| {
+                s.cache.group_blocks(t.group).get(1).copied().unwrap_or(0)
+                    * s.cache.block_bytes() as u64
+            },
+        ),
+        (
+            "strata_tenant_leased_bytes",
+            "Host-tier bytes the tenant holds leased.",
+            |t, s| t.usage.leased_pages.load(Ordering::Relaxed) * s.cache.block_bytes() as u64,
+        ),
+        (
+            "strata_tenant_leases",
+            "Leases the tenant holds.",
+            |t, _| t.usage.leases.load(Ordering::Relaxed),
+        ),
+        (
+            "strata_tenant_get_streams",
+            "Inline Get streams the tenant has open.",
+            |t, _| t.usage.get_streams.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "strata_tenant_shm_sessions",
+            "Shared-memory sessions the tenant has open.",
+            |t, _| t.usage.shm_sessions.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "strata_tenant_inflight_calls",
+            "Calls of the tenant in flight.",
+            |t, _| t.usage.inflight.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "strata_tenant_lookups",
+            "Lookups the tenant made (a counter).",
+            |t, _| t.usage.lookups.load(Ordering::Relaxed),
+        ),
+    ];
+    let _ = bb;
+    for (name, help, f) in tenant_fields {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for t in shared.auth.tenants() {
+            let _ = writeln!(o, "{name}{{tenant=\"{}\"}} {}", t.name, f(t, shared));
+        }
+    }
     let st = shared.cache.stats();
     gauge(
         &mut o,
@@ -299,11 +437,20 @@ pub fn render(shared: &Shared) -> String {
     o
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` flips.
+/// Serves `GET /metrics` on `listener` until `shutdown` flips. Connections are capped
+/// (`max_metrics_connections`), a request's headers must arrive within 5 s and a
+/// connection lives at most 30 s; with `metrics_token` set, requests must carry it.
 pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
     use http_body_util::Full;
     use hyper::body::Bytes;
     let mut rx = shared.shutdown.subscribe();
+    let conns = crate::conn::Listener::new("metrics", shared.cfg.max_metrics_connections);
+    shared.listeners.lock().push(conns.clone());
+    let token = shared
+        .cfg
+        .metrics_token
+        .as_ref()
+        .map(|t| *blake3::hash(t.as_bytes()).as_bytes());
     loop {
         let (stream, _): (_, SocketAddr) = tokio::select! {
             r = listener.accept() => match r {
@@ -316,13 +463,33 @@ pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
             },
             _ = rx.changed() => return,
         };
+        let Some(slot) = conns.admit() else {
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let shared = shared.clone();
                     async move {
-                        if req.uri().path() == "/metrics" {
+                        let authorized = token.is_none_or(|want| {
+                            req.headers()
+                                .get("authorization")
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.strip_prefix("Bearer "))
+                                .is_some_and(|t| {
+                                    blake3::hash(t.trim().as_bytes()).as_bytes() == &want
+                                })
+                        });
+                        if !authorized {
+                            hyper::Response::builder()
+                                .status(401)
+                                .header("www-authenticate", "Bearer")
+                                .body(Full::new(Bytes::from_static(
+                                    b"unauthorized: send `Authorization: Bearer <metrics_token>`\n",
+                                )))
+                        } else if req.uri().path() == "/metrics" {
                             hyper::Response::builder()
                                 .header("content-type", "text/plain; version=0.0.4")
                                 .body(Full::new(Bytes::from(render(&shared))))
@@ -334,9 +501,12 @@ pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
                     }
                 });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .max_buf_size(16 << 10)
+                .serve_connection(io, svc);
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
         });
     }
 }

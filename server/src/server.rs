@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::Auth;
 use crate::config::SidecarConfig;
-use crate::conn::Conn;
+use crate::conn::{Conn, Listener};
 use crate::pb;
 use crate::service::CacheService;
 use crate::state::Shared;
@@ -239,6 +239,21 @@ impl Sidecar {
             tcp: tcp.as_ref().map(|(l, _)| l.local_addr()).transpose()?,
             metrics: metrics.as_ref().map(|l| l.local_addr()).transpose()?,
         };
+        // Each tenant's blocks are a quota group of the cache.
+        for t in auth.tenants() {
+            let q = &t.quota;
+            for (i, bytes) in [q.host_bytes, q.disk_bytes].into_iter().enumerate() {
+                if i < cache.tier_count() {
+                    cache.set_group_quota(
+                        t.group,
+                        strata_cache_core::TierId(i as u8),
+                        bytes.map(|b| b / block as u64),
+                    );
+                }
+            }
+        }
+        crate::codec::set_max_elements(cfg.max_request_elements());
+        raise_nofile_limit();
         let shared = Arc::new(Shared::new(cache, host, disk, auth, cfg));
         Ok(Sidecar {
             shared,
@@ -274,6 +289,12 @@ impl Sidecar {
         let cfg = shared.cfg.clone();
         let (tx, rx) = mpsc::channel::<std::io::Result<Conn>>(64);
         let mut tasks = Vec::new();
+        let unix_conns = Listener::new("unix", cfg.max_unix_connections);
+        let tcp_conns = Listener::new("tcp", cfg.max_tcp_connections);
+        shared
+            .listeners
+            .lock()
+            .extend([unix_conns.clone(), tcp_conns.clone()]);
         {
             let tx = tx.clone();
             let shared = shared.clone();
@@ -281,7 +302,11 @@ impl Sidecar {
                 loop {
                     match unix.accept().await {
                         Ok((s, _)) => {
-                            let c = Conn::new(Box::new(s), "unix", shared.clone());
+                            // Over the cap, the socket is closed at once (dropped).
+                            let Some(slot) = unix_conns.admit() else {
+                                continue;
+                            };
+                            let c = Conn::new(Box::new(s), slot, shared.clone());
                             if tx.send(Ok(c)).await.is_err() {
                                 return;
                             }
@@ -307,10 +332,13 @@ impl Sidecar {
                             continue;
                         }
                     };
+                    let Some(slot) = tcp_conns.admit() else {
+                        continue;
+                    };
                     let _ = s.set_nodelay(true);
                     match &tls {
                         None => {
-                            let c = Conn::new(Box::new(s), "tcp", shared.clone());
+                            let c = Conn::new(Box::new(s), slot, shared.clone());
                             if tx.send(Ok(c)).await.is_err() {
                                 return;
                             }
@@ -324,7 +352,7 @@ impl Sidecar {
                                     .await
                                 {
                                     Ok(Ok(t)) => {
-                                        let c = Conn::new(Box::new(t), "tls", shared);
+                                        let c = Conn::new(Box::new(t), slot, shared);
                                         let _ = tx.send(Ok(c)).await;
                                     }
                                     Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake: {e}"),
@@ -383,6 +411,7 @@ impl Sidecar {
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
         let limit_layer = crate::limits::MessageLimitLayer::new(cfg.max_message);
+        let gate = crate::gate::GateLayer::new(shared.clone());
         let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
@@ -396,7 +425,12 @@ impl Sidecar {
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20))
             .max_frame_size(Some(1 << 20))
+            .http2_max_header_list_size(Some(16 << 10))
+            .http2_keepalive_interval(Some(cfg.keepalive_interval))
+            .http2_keepalive_timeout(Some(cfg.keepalive_interval))
+            .timeout(cfg.request_timeout)
             .layer(limit_layer)
+            .layer(gate)
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(reflection_alpha)
@@ -464,6 +498,28 @@ impl Sidecar {
             let _ = std::fs::remove_file(p);
         }
         Ok(())
+    }
+}
+
+/// Raises the soft limit of open descriptors to the hard limit, so that the connection
+/// caps, not the descriptor limit, are what refuses clients (and the Unix socket keeps a
+/// reserve of descriptors under a flood of TCP connections).
+fn raise_nofile_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid resource and a pointer to a live rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                tracing::warn!("could not raise the open-file limit from {}", r.rlim_cur);
+            }
+        }
     }
 }
 

@@ -12,8 +12,9 @@ use strata_cache_core::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::auth::Tenant;
+use crate::auth::{Held, Tenant};
 use crate::conn::{ConnInfo, InflightGuard};
+use crate::gate::Admin;
 use crate::pb;
 use crate::state::{NsEntry, Owner, Shared, TicketEntry};
 
@@ -42,6 +43,11 @@ pub fn status_of(e: CacheError) -> Status {
         | UnknownTier(_) => Status::invalid_argument(msg),
         UnknownNamespace(_) | UnknownLease(_) => Status::not_found(msg),
         TierFull(_) | IndexFull => Status::resource_exhausted(msg),
+        QuotaFull { tier, quota, .. } => Status::resource_exhausted(format!(
+            "the tenant holds its quota of {quota} blocks in tier {tier} (quota.host_bytes for \
+             the host tier, quota.disk_bytes for the disk tier) and none of them can leave \
+             (all leased or pinned); release leases first"
+        )),
         Tier { .. } => Status::unavailable(msg),
     }
 }
@@ -56,11 +62,35 @@ fn tier_pb(k: Option<TierKind>) -> i32 {
     }
 }
 
-/// What every call starts with: who is calling, and its slot on the connection.
+/// What every call starts with: who is calling, and its slots on the connection and in
+/// the tenant's quota.
 struct Call {
     tenant: Arc<Tenant>,
     _inflight: Option<InflightGuard>,
+    _tenant_inflight: Held,
     conn: Option<ConnInfo>,
+}
+
+/// An open inline `Get` stream, counted for the sidecar and its tenant.
+struct StreamSlot {
+    shared: Arc<Shared>,
+    _held: Held,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.shared.get_streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Keeps an error message short: a caller's list can be millions long.
+fn list_short<T: std::fmt::Debug>(items: &[T]) -> String {
+    const SHOWN: usize = 8;
+    if items.len() <= SHOWN {
+        format!("{items:?}")
+    } else {
+        format!("{:?} and {} more", &items[..SHOWN], items.len() - SHOWN)
+    }
 }
 
 impl CacheService {
@@ -70,12 +100,26 @@ impl CacheService {
     }
 
     fn begin<T>(&self, req: &Request<T>) -> Result<Call, Status> {
-        let header = req.metadata().get("authorization").map(|v| v.as_bytes());
-        let tenant = self
-            .shared
-            .auth
-            .tenant(header)
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        // The gate authenticated calls that came over a socket; in-process calls (tests,
+        // fuzzing) are authenticated here from the same header.
+        let tenant = match req.extensions().get::<Arc<Tenant>>() {
+            Some(t) => t.clone(),
+            None => {
+                let header = req.metadata().get("authorization").map(|v| v.as_bytes());
+                self.shared
+                    .auth
+                    .tenant(header)
+                    .map_err(|e| Status::unauthenticated(e.to_string()))?
+            }
+        };
+        let tenant_inflight = Held::take(&tenant, |u| &u.inflight, tenant.quota.inflight())
+            .ok_or_else(|| {
+                Status::resource_exhausted(format!(
+                    "tenant {} has {} calls in flight already (quota.inflight)",
+                    tenant.name,
+                    tenant.quota.inflight()
+                ))
+            })?;
         let conn = req.extensions().get::<ConnInfo>().cloned();
         let limit = self.shared.cfg.max_inflight_per_connection;
         let inflight = match &conn {
@@ -90,6 +134,7 @@ impl CacheService {
         Ok(Call {
             tenant,
             _inflight: inflight,
+            _tenant_inflight: tenant_inflight,
             conn,
         })
     }
@@ -272,19 +317,25 @@ impl CacheService {
             )));
         }
         let id = ns.root_key();
-        if !self.shared.namespaces.contains_key(&id)
-            && self.shared.namespace_count(&call.tenant) >= call.tenant.max_namespaces
         {
-            return Err(Status::resource_exhausted(format!(
-                "tenant {} already has {} namespaces (max_namespaces)",
-                call.tenant.name, call.tenant.max_namespaces
-            )));
+            // Counted and registered under one lock: concurrent opens cannot pass the
+            // limit together.
+            let _g = self.shared.ns_lock.lock();
+            if !self.shared.namespaces.contains_key(&id)
+                && self.shared.namespace_count(&call.tenant) >= call.tenant.max_namespaces
+            {
+                return Err(Status::resource_exhausted(format!(
+                    "tenant {} already has {} namespaces (max_namespaces)",
+                    call.tenant.name, call.tenant.max_namespaces
+                )));
+            }
+            let handle = self.shared.cache.register(&ns).map_err(status_of)?;
+            self.shared.cache.set_group(&handle, call.tenant.group);
+            self.shared.namespaces.entry(id).or_insert(NsEntry {
+                tenant: call.tenant.name.clone(),
+                handle,
+            });
         }
-        let handle = self.shared.cache.register(&ns).map_err(status_of)?;
-        self.shared.namespaces.entry(id).or_insert(NsEntry {
-            tenant: call.tenant.name.clone(),
-            handle,
-        });
         Ok(pb::OpenNamespaceResponse {
             namespace: id.to_hex(),
             block_bytes: ns.block_bytes() as u64,
@@ -300,6 +351,7 @@ impl CacheService {
         let call = self.begin(&req)?;
         let r = req.into_inner();
         let ns = self.ns(&call, &r.namespace)?;
+        call.tenant.usage.lookups.fetch_add(1, Ordering::Relaxed);
         let res = if !r.keys.is_empty() {
             if !r.tokens.is_empty() || !r.tokens_le.is_empty() {
                 return Err(Status::invalid_argument("send tokens or keys, not both"));
@@ -373,8 +425,13 @@ impl CacheService {
         let lease = ticket.lease();
         let matched = ticket.total();
         let conn = call.conn.as_ref().map(|c| c.id).unwrap_or(0);
-        self.shared
-            .hold(lease, &call.tenant, Owner::Conn(conn), ttl);
+        if let Err(e) =
+            self.shared
+                .hold(lease, &call.tenant, Owner::Conn(conn), ttl, matched as u64)
+        {
+            ticket.stop();
+            return Err(e);
+        }
         tokio::spawn(job.run());
         let id = self.shared.next_id();
         self.shared.tickets.insert(
@@ -461,12 +518,32 @@ impl CacheService {
                     session.slots
                 )));
             }
+            if let Some(&s) = r
+                .staging_slots
+                .iter()
+                .find(|&&s| s != u32::MAX && s >= session.slots)
+            {
+                return Err(Status::invalid_argument(format!(
+                    "staging slot {s} does not exist (the session has {}, shm_staging_slots)",
+                    session.slots
+                )));
+            }
+            // Slots of pages already cached are not read: only new pages are copied out
+            // of the client's memory (a page evicted meanwhile fails as MissingBlock, and
+            // the client sends it again).
+            let cached = self
+                .shared
+                .cache
+                .lookup(&ns, &tokens)
+                .map_err(status_of)?
+                .matched_pages;
             let bb = self.shared.cache.block_bytes();
             staged = r
                 .staging_slots
                 .iter()
-                .map(|&s| {
-                    if s == u32::MAX {
+                .enumerate()
+                .map(|(i, &s)| {
+                    if s == u32::MAX || i < cached {
                         return Ok(Vec::new());
                     }
                     session.copy_slot(s, bb).ok_or_else(|| {
@@ -482,6 +559,10 @@ impl CacheService {
             r.blocks.iter().map(|b| b.as_ref()).collect()
         };
         let bytes: u64 = blocks.iter().map(|b| b.len() as u64).sum();
+        call.tenant
+            .usage
+            .bytes_in
+            .fetch_add(bytes, Ordering::Relaxed);
         let rep = self
             .shared
             .cache
@@ -530,8 +611,13 @@ impl CacheService {
             let (lease, handles) = cache
                 .lease_in_tier(&ns, &tokens, ttl, TierId(0))
                 .map_err(status_of)?;
-            self.shared
-                .hold(lease, &call.tenant, Owner::Session(session.id), ttl);
+            self.shared.hold(
+                lease,
+                &call.tenant,
+                Owner::Session(session.id),
+                ttl,
+                handles.len() as u64,
+            )?;
             let bb = cache.block_bytes() as u64;
             let slots: Vec<pb::ShmSlot> = handles
                 .iter()
@@ -554,25 +640,50 @@ impl CacheService {
             return Ok(Box::pin(futures_util::stream::iter([Ok(msg)])));
         }
         // Inline: lease the prefix for the stream's life, send one block per message.
+        let stream_slot = self.get_stream_slot(&call)?;
         let lease = cache
             .lease_guard(&ns, &tokens, self.shared.cfg.max_lease)
             .map_err(status_of)?;
+        let leased = lease.pages() as u64;
+        self.shared.charge_leased(&call.tenant, leased)?;
         let matched = lease.pages().saturating_sub(skip).min(max);
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        // One block read ahead and one waiting in the channel: with the one being encoded,
+        // a stream holds at most three blocks however slowly its client reads.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
         let shared = self.shared.clone();
+        let stall = self.shared.cfg.stall_timeout;
         tokio::spawn(async move {
-            let _call = call;
+            let _stream_slot = stream_slot;
             let _lease = lease;
-            shared.get_streams.fetch_add(1, Ordering::Relaxed);
+            let tenant = call.tenant.clone();
+            let _call = call;
+            // A send that waits longer than the stall timeout ends the stream: the client
+            // stopped reading, and its blocks must not stay in memory for it.
+            let send = |msg| {
+                let tx = tx.clone();
+                async move {
+                    match tokio::time::timeout(stall, tx.send(msg)).await {
+                        Ok(r) => r.is_ok(),
+                        Err(_) => {
+                            let _ = tx.try_send(Err(Status::deadline_exceeded(format!(
+                                "the client read nothing for {stall:?} (stall_timeout); stream ended"
+                            ))));
+                            false
+                        }
+                    }
+                }
+            };
             let header = pb::GetResponse {
                 matched_pages: matched as u64,
                 ..Default::default()
             };
-            let mut ok = tx.send(Ok(header)).await.is_ok();
+            let mut ok = send(Ok(header)).await;
             let stats = shared.cache.stats();
-            // Read a few pages per call: each read matches the prompt and pins its prefix
-            // again, so one page per read would cost O(pages²) for a long prompt.
-            const CHUNK: usize = 8;
+            // Read two pages per call: each read matches the prompt and pins its prefix
+            // again, so the matching costs O(pages²/2) token comparisons for a long prompt
+            // (memcmp speed: a few ms for the longest prompt a call may carry), while a
+            // stream never holds more than a few blocks.
+            const CHUNK: usize = 2;
             let mut i = 0;
             'stream: while ok && i < matched {
                 let n = CHUNK.min(matched - i);
@@ -584,7 +695,7 @@ impl CacheService {
                 {
                     Ok(rep) => rep,
                     Err(e) => {
-                        let _ = tx.send(Err(status_of(e))).await;
+                        let _ = send(Err(status_of(e))).await;
                         break;
                     }
                 };
@@ -598,13 +709,17 @@ impl CacheService {
                 };
                 for block in out.into_iter().take(rep.read) {
                     shared.metrics.add_bytes_out(block.len() as u64);
+                    tenant
+                        .usage
+                        .bytes_out
+                        .fetch_add(block.len() as u64, Ordering::Relaxed);
                     let msg = pb::GetResponse {
                         page: i as u64,
                         block: block.into(),
                         tier: tier_pb(tier),
                         ..Default::default()
                     };
-                    ok = tx.send(Ok(msg)).await.is_ok();
+                    ok = send(Ok(msg)).await;
                     i += 1;
                     if !ok {
                         break 'stream;
@@ -616,7 +731,10 @@ impl CacheService {
                     break;
                 }
             }
-            shared.get_streams.fetch_sub(1, Ordering::Relaxed);
+            tenant
+                .usage
+                .leased_pages
+                .fetch_sub(leased, Ordering::AcqRel);
         });
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
@@ -630,12 +748,7 @@ impl CacheService {
         let mut released = 0;
         let mut unknown = Vec::new();
         for id in r.leases {
-            let mine = self
-                .shared
-                .leases
-                .remove_if(&id, |_, l| l.tenant == call.tenant.name);
-            if mine.is_some() {
-                let _ = self.shared.cache.release(id);
+            if self.shared.release_lease(id, &call.tenant) {
                 released += 1;
             } else {
                 unknown.push(id);
@@ -643,7 +756,8 @@ impl CacheService {
         }
         if !unknown.is_empty() {
             return Err(Status::not_found(format!(
-                "unknown or expired leases {unknown:?} ({released} others released)"
+                "unknown or expired leases {} ({released} others released)",
+                list_short(&unknown)
             )));
         }
         Ok(pb::ReleaseResponse { released })
@@ -653,34 +767,116 @@ impl CacheService {
         &self,
         req: Request<pb::StatsRequest>,
     ) -> Result<pb::StatsResponse, Status> {
-        let _call = self.begin(&req)?;
+        let admin = req.extensions().get::<Admin>().is_some()
+            || self
+                .shared
+                .auth
+                .is_admin(req.metadata().get("authorization").map(|v| v.as_bytes()));
         let s = self.shared.cache.stats();
+        let bb = self.shared.cache.block_bytes() as u64;
+        if admin {
+            return Ok(pb::StatsResponse {
+                tiers: s
+                    .tiers
+                    .iter()
+                    .map(|t| pb::TierStats {
+                        tier: tier_pb(t.kind),
+                        hits: t.hits,
+                        misses: t.misses,
+                        bytes_in: t.bytes_in,
+                        bytes_out: t.bytes_out,
+                        evictions: t.evictions,
+                        resident_bytes: t.resident_bytes,
+                        pinned_bytes: t.pinned_bytes,
+                        capacity_bytes: t.capacity_bytes,
+                        read_errors: t.read_errors,
+                    })
+                    .collect(),
+                pages: s.pages,
+                leases: s.leases,
+                lookups: s.lookups,
+                connections: self.shared.connections(),
+                shm_sessions: self.shared.sessions.len() as u64,
+                client_leases: self.shared.leases.len() as u64,
+                get_streams: self.shared.get_streams.load(Ordering::Relaxed),
+                block_bytes: bb,
+                scope: "global".into(),
+            });
+        }
+        let call = self.begin(&req)?;
+        let t = &call.tenant;
+        let u = &t.usage;
+        let stored = self.shared.cache.group_blocks(t.group);
+        let tiers = s
+            .tiers
+            .iter()
+            .enumerate()
+            .map(|(i, ts)| {
+                let host = ts.kind == Some(TierKind::Host);
+                let quota = match ts.kind {
+                    Some(TierKind::Host) => t.quota.host_bytes,
+                    Some(TierKind::Disk) => t.quota.disk_bytes,
+                    _ => None,
+                };
+                pb::TierStats {
+                    tier: tier_pb(ts.kind),
+                    resident_bytes: stored.get(i).copied().unwrap_or(0) * bb,
+                    pinned_bytes: if host {
+                        u.leased_pages.load(Ordering::Relaxed) * bb
+                    } else {
+                        0
+                    },
+                    capacity_bytes: quota.unwrap_or(ts.capacity_bytes).min(ts.capacity_bytes),
+                    bytes_in: if host {
+                        u.bytes_in.load(Ordering::Relaxed)
+                    } else {
+                        0
+                    },
+                    bytes_out: if host {
+                        u.bytes_out.load(Ordering::Relaxed)
+                    } else {
+                        0
+                    },
+                    ..Default::default()
+                }
+            })
+            .collect();
         Ok(pb::StatsResponse {
-            tiers: s
-                .tiers
-                .iter()
-                .map(|t| pb::TierStats {
-                    tier: tier_pb(t.kind),
-                    hits: t.hits,
-                    misses: t.misses,
-                    bytes_in: t.bytes_in,
-                    bytes_out: t.bytes_out,
-                    evictions: t.evictions,
-                    resident_bytes: t.resident_bytes,
-                    pinned_bytes: t.pinned_bytes,
-                    capacity_bytes: t.capacity_bytes,
-                    read_errors: t.read_errors,
-                })
-                .collect(),
-            pages: s.pages,
-            leases: s.leases,
-            lookups: s.lookups,
-            connections: self.shared.connections(),
-            shm_sessions: self.shared.sessions.len() as u64,
-            client_leases: self.shared.leases.len() as u64,
-            get_streams: self.shared.get_streams.load(Ordering::Relaxed),
-            block_bytes: self.shared.cache.block_bytes() as u64,
+            tiers,
+            pages: stored.first().copied().unwrap_or(0),
+            leases: u.leases.load(Ordering::Relaxed),
+            lookups: u.lookups.load(Ordering::Relaxed),
+            connections: 0,
+            shm_sessions: u.shm_sessions.load(Ordering::Relaxed) as u64,
+            client_leases: u.leases.load(Ordering::Relaxed),
+            get_streams: u.get_streams.load(Ordering::Relaxed) as u64,
+            block_bytes: bb,
+            scope: format!("tenant:{}", t.name),
         })
+    }
+
+    /// A slot for an inline `Get` stream, within the sidecar's and the tenant's caps.
+    fn get_stream_slot(&self, call: &Call) -> Result<StreamSlot, Status> {
+        let t = &call.tenant;
+        let held = Held::take(t, |u| &u.get_streams, t.quota.get_streams()).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "tenant {} has {} Get streams open already (quota.get_streams)",
+                t.name,
+                t.quota.get_streams()
+            ))
+        })?;
+        let max = self.shared.cfg.max_get_streams as u64;
+        let n = self.shared.get_streams.fetch_add(1, Ordering::AcqRel);
+        let slot = StreamSlot {
+            shared: self.shared.clone(),
+            _held: held,
+        };
+        if n >= max {
+            return Err(Status::resource_exhausted(format!(
+                "{max} Get streams are open already (max_get_streams); retry later"
+            )));
+        }
+        Ok(slot)
     }
 
     async fn watch_inner(
@@ -721,9 +917,10 @@ impl CacheService {
                         lagged: 0,
                     },
                     Ok(_) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => pb::WatchEvent {
+                    // How many were missed counts every tenant's events: not told.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => pb::WatchEvent {
                         kind: pb::watch_event::Kind::Lagged as i32,
-                        lagged: n,
+                        lagged: 0,
                         ..Default::default()
                     },
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,

@@ -256,6 +256,23 @@ async fn serve_session_inner(
         );
         return send_line(&stream, &refusal(msg), &[]).await;
     }
+    let Some(_held) =
+        crate::auth::Held::take(&tenant, |u| &u.shm_sessions, tenant.quota.shm_sessions())
+    else {
+        let msg = format!(
+            "tenant {} has {} shared-memory sessions open already (quota.shm_sessions)",
+            tenant.name,
+            tenant.quota.shm_sessions()
+        );
+        return send_line(&stream, &refusal(msg), &[]).await;
+    };
+    if shared.sessions.len() >= shared.cfg.max_shm_sessions {
+        let msg = format!(
+            "{} shared-memory sessions are open already (max_shm_sessions)",
+            shared.cfg.max_shm_sessions
+        );
+        return send_line(&stream, &refusal(msg), &[]).await;
+    }
     let Some(pool_fd) = shared.host.memfd() else {
         let h = refusal("the host pool is not shareable".into());
         return send_line(&stream, &h, &[]).await;

@@ -28,7 +28,9 @@ pub enum Owner {
 #[derive(Debug)]
 pub struct ClientLease {
     /// Tenant that took it (only it may release it).
-    pub tenant: String,
+    pub tenant: Arc<Tenant>,
+    /// Pages it holds (counted in the tenant's leased usage until it ends).
+    pub pages: u64,
     /// What ends it besides `Release` and its deadline.
     pub owner: Owner,
     /// Its deadline (the cache ends it then on its own).
@@ -83,6 +85,13 @@ pub struct Shared {
     pub get_streams: AtomicU64,
     /// Flips to true when shutdown starts (ends `Watch` streams).
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// Request bytes being received, all connections together.
+    pub receiving: crate::gate::Budget,
+    /// The listeners and their connection caps (for `/metrics`).
+    pub listeners: parking_lot::Mutex<Vec<Arc<crate::conn::Listener>>>,
+    /// Held while a namespace is counted against its tenant's limit and registered, so
+    /// that concurrent opens cannot pass the limit together.
+    pub ns_lock: parking_lot::Mutex<()>,
 }
 
 impl Shared {
@@ -109,6 +118,9 @@ impl Shared {
             connections: AtomicU64::new(0),
             get_streams: AtomicU64::new(0),
             shutdown: tokio::sync::watch::channel(false).0,
+            receiving: crate::gate::Budget::default(),
+            listeners: parking_lot::Mutex::new(Vec::new()),
+            ns_lock: parking_lot::Mutex::new(()),
         }
     }
 
@@ -140,16 +152,77 @@ impl Shared {
         self.release_owned(Owner::Conn(id));
     }
 
-    /// Records a lease a client now holds.
-    pub fn hold(&self, lease: u64, tenant: &Tenant, owner: Owner, ttl: Duration) {
-        self.leases.insert(
+    /// Records a lease of `pages` host pages a client now holds, if the tenant's
+    /// `quota.leased_bytes` allows it; otherwise the lease is ended and the error names
+    /// the quota.
+    pub fn hold(
+        &self,
+        lease: u64,
+        tenant: &Arc<Tenant>,
+        owner: Owner,
+        ttl: Duration,
+        pages: u64,
+    ) -> Result<(), tonic::Status> {
+        if let Err(e) = self.charge_leased(tenant, pages) {
+            let _ = self.cache.release(lease);
+            return Err(e);
+        }
+        tenant.usage.leases.fetch_add(1, Ordering::Relaxed);
+        let old = self.leases.insert(
             lease,
             ClientLease {
-                tenant: tenant.name.clone(),
+                tenant: tenant.clone(),
+                pages,
                 owner,
                 expires: Instant::now() + ttl,
             },
         );
+        if let Some(old) = old {
+            Self::uncharge(&old);
+        }
+        Ok(())
+    }
+
+    /// Counts `pages` leased host pages against `tenant`'s quota.
+    pub fn charge_leased(&self, tenant: &Tenant, pages: u64) -> Result<(), tonic::Status> {
+        let bb = self.cache.block_bytes() as u64;
+        let held = tenant.usage.leased_pages.fetch_add(pages, Ordering::AcqRel) + pages;
+        if let Some(q) = tenant.quota.leased_bytes
+            && held.saturating_mul(bb) > q
+        {
+            tenant.usage.leased_pages.fetch_sub(pages, Ordering::AcqRel);
+            return Err(tonic::Status::resource_exhausted(format!(
+                "tenant {} would hold {} bytes leased, over its quota.leased_bytes of {q}; \
+                 release leases first",
+                tenant.name,
+                held.saturating_mul(bb)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Gives back what a lease counted.
+    fn uncharge(l: &ClientLease) {
+        l.tenant
+            .usage
+            .leased_pages
+            .fetch_sub(l.pages, Ordering::AcqRel);
+        l.tenant.usage.leases.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Forgets client lease `id` if `tenant` holds it (ending it in the cache).
+    pub fn release_lease(&self, id: u64, tenant: &Tenant) -> bool {
+        match self
+            .leases
+            .remove_if(&id, |_, l| l.tenant.name == tenant.name)
+        {
+            Some((_, l)) => {
+                Self::uncharge(&l);
+                let _ = self.cache.release(id);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Ends every lease `owner` holds.
@@ -161,7 +234,8 @@ impl Shared {
             .map(|e| *e.key())
             .collect();
         for id in ids {
-            if self.leases.remove(&id).is_some() {
+            if let Some((_, l)) = self.leases.remove(&id) {
+                Self::uncharge(&l);
                 // Already expired in the cache is fine: the lease is over either way.
                 let _ = self.cache.release(id);
             }
@@ -173,7 +247,13 @@ impl Shared {
     pub fn sweep(&self) {
         let now = Instant::now();
         self.cache.expire_leases();
-        self.leases.retain(|_, l| l.expires > now);
+        self.leases.retain(|_, l| {
+            let keep = l.expires > now;
+            if !keep {
+                Self::uncharge(l);
+            }
+            keep
+        });
         self.tickets.retain(|_, t| t.expires > now);
     }
 

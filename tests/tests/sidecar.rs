@@ -209,6 +209,7 @@ async fn tokens_authenticate_and_tenants_never_see_each_other() {
     std::fs::write(
         &cfg,
         r#"
+        metrics_token = "metrics-token-0123456789"
         [[tenants]]
         name = "alice"
         tokens = ["alice-token-0123456789"]

@@ -231,6 +231,7 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
             salt: None,
             shm: true,
             max_namespaces: 4,
+            quota: Default::default(),
         }],
         ..SidecarConfig::default()
     };

@@ -36,6 +36,13 @@ struct Args {
     /// Bearer token of a single tenant named `default` (at least 16 characters).
     #[arg(long, env = "STRATA_SIDECAR_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Bearer token that GET /metrics requires (needed with two or more tenants, unless
+    /// the config says metrics_public = true).
+    #[arg(long, env = "STRATA_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
+    /// A token that may read global Stats (repeatable).
+    #[arg(long, env = "STRATA_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Vec<String>,
     /// PEM certificate chain: serve TLS on the TCP listener.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -115,6 +122,10 @@ async fn main() -> anyhow::Result<()> {
         cfg.tls_cert = a.tls_cert.clone();
         cfg.tls_key = a.tls_key.clone();
     }
+    if a.metrics_token.is_some() {
+        cfg.metrics_token = a.metrics_token.clone();
+    }
+    cfg.admin_tokens.extend(a.admin_token.iter().cloned());
     if a.disk_path.is_some() {
         cfg.disk_path = a.disk_path.clone();
     }
@@ -126,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
             salt: None,
             shm: true,
             max_namespaces: 64,
+            quota: Default::default(),
         });
     }
     let sidecar = Sidecar::bind(cfg).await?;
