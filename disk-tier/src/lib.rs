@@ -221,6 +221,10 @@ struct Segment {
     sealed: bool,
     /// No valid summary is on disk for it: it can be reopened without another I/O.
     wiped: bool,
+    /// Summary writes issued to it so far. A wipe marks the segment `wiped` only if no
+    /// summary write was issued and the segment was not reused (`epoch`) while it was in
+    /// flight: its requester may resume long after the write is over.
+    summaries: u64,
 }
 
 struct State {
@@ -473,6 +477,7 @@ impl DiskTier {
                         full: false,
                         sealed: false,
                         wiped: true,
+                        summaries: 0,
                     })
                     .collect(),
                 open: 0,
@@ -794,28 +799,38 @@ impl DiskTier {
     async fn prepare_next(&self, seg: usize) {
         let l = self.layout;
         let next = (seg + 1) % l.segments;
-        {
-            let st = self.state.lock();
+        let issued = {
+            let mut st = self.state.lock();
             if next == st.open || next == seg {
                 return;
             }
-            let n = &st.segs[next];
+            let n = &mut st.segs[next];
             if n.wiped || n.writing > 0 || n.io > 0 {
                 return;
             }
-        }
+            // In flight from here, under the same lock as the checks above.
+            n.io += 1;
+            (n.epoch, n.summaries)
+        };
         let (_, r) = self
             .engine
             .write_then(
                 0,
                 l.summary_offset(next),
                 AlignedBuf::new(l.summary_bytes, ALIGN),
-                self.seg_io(next),
+                self.seg_io_done(next),
             )
             .await;
         match r {
             Ok(()) => {
-                self.state.lock().segs[next].wiped = true;
+                let mut st = self.state.lock();
+                let n = &mut st.segs[next];
+                // Reused, or given a summary, since the wipe was issued: the zeros may
+                // not be what is on disk now.
+                if (n.epoch, n.summaries) == issued {
+                    n.wiped = true;
+                }
+                drop(st);
                 self.counters
                     .bytes_written
                     .fetch_add(l.summary_bytes as u64, Ordering::Relaxed);
@@ -1041,6 +1056,12 @@ impl DiskTier {
     /// write whose caller has gone cannot land in the segment's next life.
     fn seg_io(&self, seg: usize) -> io::OnDone {
         self.state.lock().segs[seg].io += 1;
+        self.seg_io_done(seg)
+    }
+
+    /// What the engine runs when a write to segment `seg` already counted in its `io` is
+    /// over.
+    fn seg_io_done(&self, seg: usize) -> io::OnDone {
         let (state, notify) = (self.state.clone(), self.writes_done.clone());
         Box::new(move || {
             let mut st = state.lock();
@@ -1057,7 +1078,11 @@ impl DiskTier {
         let l = self.layout;
         let (epoch, entries) = {
             let mut st = self.state.lock();
-            st.segs[seg].wiped = false;
+            let s = &mut st.segs[seg];
+            s.wiped = false;
+            s.summaries += 1;
+            // In flight from here: a wipe cannot start on the segment until it is over.
+            s.io += 1;
             let s = &st.segs[seg];
             let entries: Vec<(u32, RecordMeta)> = s
                 .records
@@ -1072,7 +1097,7 @@ impl DiskTier {
         format::encode_summary(epoch, &entries, &self.store_id, &mut sum);
         let (_, r) = self
             .engine
-            .write_then(0, l.summary_offset(seg), sum, self.seg_io(seg))
+            .write_then(0, l.summary_offset(seg), sum, self.seg_io_done(seg))
             .await;
         match r {
             Ok(()) => {

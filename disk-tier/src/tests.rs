@@ -474,3 +474,62 @@ fn concurrent_writers_and_readers_across_many_reclaims() {
         });
     }
 }
+
+/// Issue 15, item 10: the wipe that `prepare_next` issues for the next segment may complete
+/// (in the kernel) long before its requester resumes. If the segment is reused and sealed
+/// with a new summary meanwhile, the late requester must not mark it wiped: the next reuse
+/// would skip the wipe, leave that (valid, now stale) summary on disk over new records, and
+/// a restart would read the stale summary and miss the newer records.
+#[test]
+fn a_late_wipe_completion_does_not_mark_a_reused_segment_wiped() {
+    for engine in engines() {
+        let dir = TempDir::new("latewipe");
+        let r = rt();
+        r.block_on(async {
+            // Three segments of four blocks; a writer at index 2 wipes the next segment.
+            let t = std::sync::Arc::new(DiskTier::open(cfg(&dir, engine, 3, 4)).await.unwrap());
+            for i in 0..10u64 {
+                t.write(&meta(i), &payload(i)).await.unwrap();
+            }
+            // Block 10 lands at index 2 of segment 2 and wipes segment 0 (sealed at block 4);
+            // that wipe finishes, but its writer hears of it only when the test says so.
+            t.faults().hold_write_answer(t.layout().summary_offset(0));
+            let late = {
+                let t = t.clone();
+                tokio::spawn(async move { t.write(&meta(10), &payload(10)).await })
+            };
+            let held = tokio::time::timeout(Duration::from_secs(20), async {
+                while t.faults().held_writes() == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            });
+            held.await.expect("the wipe of segment 0 was never issued");
+            // Meanwhile segment 0 is reused (block 12) and sealed again with a summary of
+            // its new records (block 16 rotates on).
+            for i in 11..17u64 {
+                t.write(&meta(i), &payload(i)).await.unwrap();
+            }
+            t.faults().release_writes();
+            late.await.unwrap().unwrap();
+            assert!(
+                !t.state.lock().segs[0].wiped,
+                "{engine:?}: segment 0 has a summary on disk but is marked wiped"
+            );
+            // Two more laps of the ring: segment 0 is reused again at block 24, and blocks
+            // 24 and 25 are its first records.
+            for i in 17..26u64 {
+                t.write(&meta(i), &payload(i)).await.unwrap();
+            }
+            t.flush(Duration::from_secs(10)).await.unwrap();
+        });
+        r.block_on(async {
+            let t = DiskTier::open(cfg(&dir, engine, 3, 4)).await.unwrap();
+            for i in 16..26u64 {
+                let h = t
+                    .adopt(&key(i))
+                    .unwrap_or_else(|| panic!("{engine:?}: block {i} lost in the restart"));
+                assert_eq!(read(&t, h, i).await.unwrap(), payload(i), "block {i}");
+            }
+        });
+    }
+}
