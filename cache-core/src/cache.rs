@@ -256,6 +256,19 @@ struct Groups {
     of_root: HashMap<BlockKey, u32>,
     blocks: HashMap<u32, Vec<u64>>,
     quota: HashMap<(u32, u8), u64>,
+    /// Room reserved for a group's blocks still being written, per (group, tier) with a
+    /// quota: counted with its blocks, so concurrent or batched writes cannot pass it.
+    pending: HashMap<(u32, u8), Arc<std::sync::atomic::AtomicU64>>,
+}
+
+/// Room reserved in a tier for one block of a quota group, counted against the group's
+/// quota until the block is recorded (or the write is given up).
+struct GroupHold(Arc<std::sync::atomic::AtomicU64>);
+
+impl Drop for GroupHold {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A block became resident in, or left, a tier. Subscribe with [`TieredCache::subscribe`].
@@ -389,7 +402,23 @@ impl State {
     fn group_at_quota(&self, g: u32, t: TierId) -> Option<u64> {
         let q = *self.groups.quota.get(&(g, t.0))?;
         let held = self.groups.blocks.get(&g).map_or(0, |v| v[t.0 as usize]);
-        (held >= q).then_some(q)
+        let pending = self
+            .groups
+            .pending
+            .get(&(g, t.0))
+            .map_or(0, |p| p.load(Ordering::Acquire));
+        (held + pending >= q).then_some(q)
+    }
+
+    /// Counts one block being written for group `g` in tier `t`, if it has a quota there.
+    fn hold_for_group(&mut self, g: Option<u32>, t: TierId) -> Option<GroupHold> {
+        let g = g?;
+        if !self.groups.quota.contains_key(&(g, t.0)) {
+            return None;
+        }
+        let p = self.groups.pending.entry((g, t.0)).or_default().clone();
+        p.fetch_add(1, Ordering::AcqRel);
+        Some(GroupHold(p))
     }
 
     fn make_resident(&mut self, p: PageId, t: TierId, h: BlockHandle) {
@@ -998,12 +1027,17 @@ impl TieredCache {
             let end = (done + batch_max).min(pages);
             // Write a batch without the lock.
             let mut staging = Staging::new(self, t);
+            // Quota room of the batch's blocks, held until they are recorded.
+            let mut holds = Vec::new();
             let mut keys = Vec::with_capacity(end - done);
             for i in done..end {
                 let key = prev_key.chain(&tokens[i * ps..(i + 1) * ps]);
-                if let Err(e) = self.reserve(t, group).await {
-                    failure = Some(e);
-                    break;
+                match self.reserve(t, group).await {
+                    Ok(h) => holds.extend(h),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
                 }
                 staging.reserved += 1;
                 let meta = BlockMeta {
@@ -1156,7 +1190,7 @@ impl TieredCache {
             tier: t,
         };
         let mut staging = Staging::new(self, t);
-        self.reserve(t, group).await?;
+        let _hold = self.reserve(t, group).await?;
         staging.reserved = 1;
         let slot = self.tier(t)?;
         let h = slot
@@ -1186,8 +1220,9 @@ impl TieredCache {
         &self,
         t: TierId,
         group: Option<u32>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CacheError>> + Send + '_>>
-    {
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Option<GroupHold>, CacheError>> + Send + '_>,
+    > {
         Box::pin(async move {
             let cap = self.tier(t)?.cap_blocks;
             // Victims that were pinned again while being demoted; bounded so that a page
@@ -1209,7 +1244,7 @@ impl TieredCache {
                         })?
                     } else if st.occupancy[t.0 as usize] < cap {
                         st.occupancy[t.0 as usize] += 1;
-                        return Ok(());
+                        return Ok(st.hold_for_group(group, t));
                     } else {
                         self.pick_victim(&mut st, t, None)?
                     }
@@ -1498,7 +1533,7 @@ impl TieredCache {
                     }
                     Err(_) => {
                         slot.counters.read_errors.fetch_add(1, Ordering::Relaxed);
-                        self.discard_bad_copy(p, t);
+                        self.discard_bad_copy(p, t, h);
                     }
                 }
             }
@@ -1509,10 +1544,15 @@ impl TieredCache {
         Ok(report)
     }
 
-    /// Forgets a copy that failed to read (the page is pinned by the caller, so the tree
-    /// keeps it until the pin drops).
-    fn discard_bad_copy(&self, p: PageId, t: TierId) {
-        self.inner.state.write().drop_resident(p, t);
+    /// Forgets the copy `h` that failed to read (the page is pinned by the caller, so the
+    /// tree keeps it until the pin drops). If the page's copy in `t` is another one by now
+    /// (the bad one was dropped and a fresh one stored while the read was under way), that
+    /// one stays.
+    fn discard_bad_copy(&self, p: PageId, t: TierId, h: BlockHandle) {
+        let mut st = self.inner.state.write();
+        if st.index.handle(p, t) == Some(h) {
+            st.drop_resident(p, t);
+        }
     }
 
     /// Copies pages that reached the selective write-through threshold to every lower tier.
@@ -2124,7 +2164,7 @@ impl PrefetchJob {
             let slot = &c.inner.tiers[s.0 as usize];
             if let Err(e) = slot.tier.read(h, &key, &mut buf).await {
                 slot.counters.read_errors.fetch_add(1, Ordering::Relaxed);
-                c.discard_bad_copy(p, s);
+                c.discard_bad_copy(p, s, h);
                 return Err(CacheError::Tier { tier: s, source: e });
             }
             slot.counters

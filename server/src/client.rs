@@ -168,6 +168,17 @@ impl Client {
         self
     }
 
+    /// The generated client underneath, for requests this type has no method for (tests,
+    /// tools); pair it with [`Client::request`].
+    pub fn raw(&mut self) -> &mut CacheClient<Channel> {
+        &mut self.inner
+    }
+
+    /// A request carrying this client's token.
+    pub fn request<T>(&self, msg: T) -> Result<Request<T>, ClientError> {
+        self.req(msg)
+    }
+
     fn req<T>(&self, msg: T) -> Result<Request<T>, ClientError> {
         let mut r = Request::new(msg);
         if let Some(t) = &self.token {

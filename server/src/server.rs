@@ -422,8 +422,12 @@ impl Sidecar {
                 u32::try_from(cfg.max_inflight_per_connection.saturating_mul(2) + 8)
                     .unwrap_or(u32::MAX),
             ))
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(32 << 20))
+            // What a peer may send before the sidecar reads it is bounded by these windows:
+            // no larger than what one connection may have in reception.
+            .initial_stream_window_size(Some((8u64 << 20).min(cfg.max_message) as u32))
+            .initial_connection_window_size(Some(
+                (32u64 << 20).min(cfg.max_receiving_per_connection()) as u32,
+            ))
             .max_frame_size(Some(1 << 20))
             .http2_max_header_list_size(Some(16 << 10))
             .http2_keepalive_interval(Some(cfg.keepalive_interval))

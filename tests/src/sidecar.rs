@@ -104,11 +104,20 @@ impl Sidecar {
     pub fn start(dir: &Path, extra: &[&str]) -> Sidecar {
         let socket = dir.join("sidecar.sock");
         let mut cmd = Command::new(built_binary("strata-sidecar-under-test"));
-        cmd.arg("--socket")
-            .arg(&socket)
-            .args(["--page-size", "16", "--block-bytes", &BLOCK.to_string()])
-            .args(["--host-capacity", "8MiB", "--metrics", "127.0.0.1:0"])
-            .args(extra)
+        cmd.arg("--socket").arg(&socket);
+        // The test geometry and sizes, unless `extra` sets them itself.
+        let block = BLOCK.to_string();
+        for (flag, value) in [
+            ("--page-size", "16"),
+            ("--block-bytes", block.as_str()),
+            ("--host-capacity", "8MiB"),
+            ("--metrics", "127.0.0.1:0"),
+        ] {
+            if !extra.contains(&flag) {
+                cmd.args([flag, value]);
+            }
+        }
+        cmd.args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -159,6 +168,23 @@ impl Sidecar {
             metrics: field("metrics"),
             log,
         }
+    }
+
+    /// The sidecar's resident memory (VmRSS), in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("reading the sidecar's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS in /proc status")
+            * 1024
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Sends SIGTERM and waits for the process to exit; returns whether it exited cleanly.
