@@ -706,3 +706,133 @@ fn lease_in_tier_hands_out_handles_that_outlive_eviction_pressure() {
     ));
     s.cache.check_invariants().unwrap();
 }
+
+/// A tier whose next read of one handle gets its answer (decided when the read starts, as
+/// a device read's bytes are) only when the test opens the gate: a read that is slow to
+/// report its failure.
+struct GatedTier {
+    inner: MemTier,
+    hold: std::sync::Mutex<Option<BlockHandle>>,
+    open: std::sync::atomic::AtomicBool,
+}
+
+struct Gate<'a>(&'a GatedTier);
+
+impl std::future::Future for Gate<'_> {
+    type Output = ();
+    fn poll(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        // Polled by hand in the test, so no waker is kept.
+        if self.0.open.load(std::sync::atomic::Ordering::SeqCst) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+}
+
+impl Tier for GatedTier {
+    fn kind(&self) -> TierKind {
+        self.inner.kind()
+    }
+    fn block_size(&self) -> usize {
+        self.inner.block_size()
+    }
+    fn capacity_blocks(&self) -> u64 {
+        self.inner.capacity_blocks()
+    }
+    fn write<'a>(&'a self, meta: &'a BlockMeta, data: &'a [u8]) -> TierFuture<'a, BlockHandle> {
+        self.inner.write(meta, data)
+    }
+    fn read<'a>(
+        &'a self,
+        h: BlockHandle,
+        key: &'a BlockKey,
+        out: &'a mut [u8],
+    ) -> TierFuture<'a, ()> {
+        let held = {
+            let mut hold = self.hold.lock().unwrap();
+            let held = *hold == Some(h);
+            if held {
+                *hold = None;
+            }
+            held
+        };
+        Box::pin(async move {
+            let r = self.inner.read(h, key, out).await;
+            if held {
+                Gate(self).await;
+            }
+            r
+        })
+    }
+    fn free(&self, h: BlockHandle) {
+        self.inner.free(h)
+    }
+    fn bandwidth(&self) -> Bandwidth {
+        self.inner.bandwidth()
+    }
+}
+
+/// Issue 15, item 10: a read that fails drops the copy it read, not whatever copy the page
+/// has in that tier when the failure is reported. Here another reader drops the corrupt
+/// copy first and a store puts a good one in its place before the slow read reports.
+#[test]
+fn a_failed_read_discards_only_the_copy_it_read() {
+    let bs = ns(b"").block_bytes();
+    let tier = Arc::new(GatedTier {
+        inner: MemTier::new(TierKind::Host, bs, 8),
+        hold: std::sync::Mutex::new(None),
+        open: std::sync::atomic::AtomicBool::new(false),
+    });
+    let cache = TieredCache::new(
+        vec![TierSpec {
+            tier: tier.clone(),
+            capacity_bytes: 8 * bs as u64,
+            eviction: EvictionKind::Lru,
+        }],
+        CacheConfig {
+            page_size: PS as u32,
+            write_policy: WritePolicy::WriteBack,
+            ..CacheConfig::default()
+        },
+    )
+    .unwrap();
+    let h = cache.register(&ns(b"")).unwrap();
+    let t = toks(1, 31);
+    insert(&cache, &h, &t, 5);
+    let [old] = tier.inner.handles()[..] else {
+        panic!("one block stored");
+    };
+    tier.inner.corrupt(old);
+    *tier.hold.lock().unwrap() = Some(old);
+    // A: its read of the corrupt copy is under way and slow to answer.
+    let mut out_a = vec![Vec::new(); 1];
+    let mut a = Box::pin(cache.read(&h, &t, &mut out_a));
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    assert!(a.as_mut().poll(&mut cx).is_pending());
+    // B reads the same copy, fails and drops it (its handle goes back to the tier, and
+    // another block takes it); then the page is stored again, good, under a new handle.
+    assert_eq!(read_all(&cache, &h, &t).0.read, 0);
+    insert(&cache, &h, &toks(1, 32), 6);
+    insert(&cache, &h, &t, 5);
+    assert_eq!(cache.lookup(&h, &t).unwrap().resident, vec![1]);
+    assert_eq!(tier.inner.live_blocks(), 2);
+    // A hears of its failure now: the good copy stays.
+    tier.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    let std::task::Poll::Ready(r) = a.as_mut().poll(&mut cx) else {
+        panic!("read A still pending");
+    };
+    assert_eq!(r.unwrap().read, 0);
+    drop(a);
+    assert_eq!(
+        cache.lookup(&h, &t).unwrap().resident,
+        vec![1],
+        "the good copy stored meanwhile was dropped"
+    );
+    assert_eq!(tier.inner.live_blocks(), 2);
+    let (r, out) = read_all(&cache, &h, &t);
+    assert_eq!(r.read, 1);
+    assert_eq!(out[0], block(0, 5));
+    cache.check_invariants().unwrap();
+}
