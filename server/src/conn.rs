@@ -44,7 +44,7 @@ impl Listener {
             if n >= self.max {
                 let r = self.refused.fetch_add(1, Ordering::Relaxed);
                 // Logged once per 1,000 refusals: an attack must not flood the log.
-                if r % 1000 == 0 {
+                if r.is_multiple_of(1000) {
                     tracing::warn!(
                         listener = self.kind,
                         max = self.max,

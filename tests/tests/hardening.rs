@@ -214,7 +214,7 @@ stall_timeout = "2s""#,
     assert!(codes.iter().any(|c| c.as_deref() == Some("8")), "{codes:?}");
     assert!(codes.iter().any(|c| c.as_deref() == Some("4")), "{codes:?}");
     assert!(
-        peak < 24 * 3 << 20,
+        peak < (24 * 3) << 20,
         "112 MiB of stalled authenticated bodies grew the sidecar by {} MiB (budget 24 MiB)",
         peak >> 20
     );
