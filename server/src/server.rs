@@ -367,11 +367,22 @@ impl Sidecar {
         drop(tx);
         if let Some(l) = shm {
             let shared = shared.clone();
+            // Sessions are capped after their handshake; connections still saying hello
+            // are capped here.
+            let shm_conns = Listener::new("shm", cfg.max_shm_sessions.saturating_add(16));
+            shared.listeners.lock().push(shm_conns.clone());
             tasks.push(tokio::spawn(async move {
                 loop {
                     match l.accept().await {
                         Ok((s, _)) => {
-                            tokio::spawn(crate::shm::serve_session(shared.clone(), s));
+                            let Some(slot) = shm_conns.admit() else {
+                                continue;
+                            };
+                            let shared = shared.clone();
+                            tokio::spawn(async move {
+                                let _slot = slot;
+                                crate::shm::serve_session(shared, s).await;
+                            });
                         }
                         Err(e) => {
                             tracing::warn!("accept on the shared-memory socket: {e}");

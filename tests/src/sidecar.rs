@@ -102,6 +102,12 @@ impl Sidecar {
     /// Starts the sidecar with the test block geometry, its sockets in `dir`, plus `extra`
     /// flags, and waits for its ready line.
     pub fn start(dir: &Path, extra: &[&str]) -> Sidecar {
+        Self::start_limited(dir, extra, None)
+    }
+
+    /// Like [`Sidecar::start`], with the open-file limit (soft and hard) set to `nofile`
+    /// when given.
+    pub fn start_limited(dir: &Path, extra: &[&str], nofile: Option<u64>) -> Sidecar {
         let socket = dir.join("sidecar.sock");
         let mut cmd = Command::new(built_binary("strata-sidecar-under-test"));
         cmd.arg("--socket").arg(&socket);
@@ -115,6 +121,23 @@ impl Sidecar {
         ] {
             if !extra.contains(&flag) {
                 cmd.args([flag, value]);
+            }
+        }
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure runs in the child between fork and exec and only calls
+            // setrlimit, which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let r = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
             }
         }
         cmd.args(extra)

@@ -357,6 +357,41 @@ first_request_timeout = "1s""#,
     legit_round_trip(&sc, 5).await;
 }
 
+/// Finding 3, at a 1,024 descriptor limit: 1,500 TCP connections from a peer without a
+/// token leave the Unix socket and the shared-memory socket reachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_connection_flood_leaves_the_local_sockets_reachable() {
+    let dir = TempDir::new("hard-f3-nofile");
+    let cfg = config(&dir, "", "");
+    let mut sc = Sidecar::start_limited(
+        &dir.0,
+        &["--config", &cfg, "--tcp", "127.0.0.1:0"],
+        Some(1024),
+    );
+    let addr = sc.tcp.clone().unwrap();
+    let flood: Vec<TcpStream> = (0..1500)
+        .filter_map(|_| TcpStream::connect(&addr).ok())
+        .collect();
+    assert!(
+        flood.len() > 1024,
+        "the flood itself failed: {}",
+        flood.len()
+    );
+    legit_round_trip(&sc, 7).await;
+    let c = Client::connect_unix(&sc.socket)
+        .await
+        .unwrap()
+        .with_token(ALICE);
+    let shm = c
+        .open_shm(&sc.shm)
+        .expect("a shared-memory session during the flood");
+    drop(shm);
+    assert!(sc.alive());
+    let log = sc.log.lock().join("\n");
+    assert!(!log.contains("Too many open files"), "{log}");
+    drop(flood);
+}
+
 fn http_get(addr: &str, token: Option<&str>) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     let auth = token
