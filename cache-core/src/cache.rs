@@ -1820,10 +1820,15 @@ impl TieredCache {
         st.index.check_invariants()?;
         let mut resident = vec![0u64; self.inner.tiers.len()];
         let mut pinned = vec![0u64; self.inner.tiers.len()];
+        let mut groups: HashMap<u32, Vec<u64>> = HashMap::new();
         for p in st.index.all_pages() {
             let info = st.index.page(p);
+            let g = st.group_of(p);
             for t in 0..resident.len() {
                 if info.resident >> t & 1 == 1 {
+                    if let Some(g) = g {
+                        groups.entry(g).or_insert_with(|| vec![0; resident.len()])[t] += 1;
+                    }
                     resident[t] += 1;
                     if info.pins > 0 {
                         pinned[t] += 1;
@@ -1855,6 +1860,17 @@ impl TieredCache {
                 return Err(format!(
                     "tier {t}: pinned counter {} != {}",
                     st.pinned[t], pinned[t]
+                ));
+            }
+        }
+        for (g, counted) in &st.groups.blocks {
+            let real = groups
+                .get(g)
+                .cloned()
+                .unwrap_or_else(|| vec![0; resident.len()]);
+            if *counted != real {
+                return Err(format!(
+                    "quota group {g}: counted blocks {counted:?}, resident {real:?}"
                 ));
             }
         }

@@ -46,6 +46,8 @@ pub struct Usage {
     pub bytes_in: AtomicU64,
     /// Block bytes it read inline.
     pub bytes_out: AtomicU64,
+    /// Request bytes of its calls being received now.
+    pub receiving: Arc<crate::gate::Budget>,
 }
 
 /// One unit of a counted resource (a call in flight, a stream, a session); gives it back

@@ -153,9 +153,12 @@ impl<U: Message + Default + Checked> Decoder for CheckedDecoder<U> {
             let chunk = buf.chunk();
             if chunk.len() == buf.remaining() {
                 let max = MAX_ELEMENTS.load(Ordering::Relaxed);
-                if let Some(n) = count_elements(chunk, packed)
-                    && n > max
-                {
+                // Our messages use no groups: bytes that do not parse as plain fields are
+                // refused before prost (which would skip groups) decodes anything.
+                let n = count_elements(chunk, packed).ok_or_else(|| {
+                    Status::invalid_argument("the request is not a well-formed message")
+                })?;
+                if n > max {
                     return Err(Status::resource_exhausted(format!(
                         "the request carries {n} repeated elements; no call needs more than {max} \
                          (max_tokens_per_call tokens plus two per page)"

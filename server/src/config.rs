@@ -107,14 +107,14 @@ pub struct SidecarConfig {
     pub max_metrics_connections: usize,
     /// Most shared-memory sessions, all tenants together. Default 64.
     pub max_shm_sessions: usize,
-    /// Most inline `Get` streams open at once, all tenants together. Default 64.
+    /// Most inline `Get` streams open at once, all tenants together. Default 128.
     pub max_get_streams: usize,
-    /// A connection from which nothing has been read for this long is closed (clients
-    /// answer the sidecar's HTTP/2 pings, so a live client is never idle). Default 60 s.
+    /// A connection with no call in flight that has started no call for this long is
+    /// closed (clients reconnect on their next call). Default 5 min.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// A TCP connection that has not started a request within this time is closed.
-    /// Default 10 s.
+    /// A TCP connection that has not started an authenticated call within this time is
+    /// closed. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub first_request_timeout: Duration,
     /// A request body that makes no progress for this long fails with
@@ -125,7 +125,8 @@ pub struct SidecarConfig {
     /// Longest unary call, from its headers to its answer. Default 90 s.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// HTTP/2 keepalive: a ping this often on every connection. Default 20 s.
+    /// HTTP/2 keepalive: a ping this often on every connection (a peer that does not
+    /// answer within as long is dropped). Default 20 s.
     #[serde(with = "humantime_serde")]
     pub keepalive_interval: Duration,
     /// Request bytes being received on one connection at once (e.g. `"128MiB"`).
@@ -179,7 +180,8 @@ fn default_max_namespaces() -> usize {
 #[serde(default, deny_unknown_fields)]
 pub struct Quota {
     /// Bytes of host-tier blocks the tenant may hold leased or pinned (prefetch leases,
-    /// shared-memory `Get` leases, blocks being streamed). Default: unlimited.
+    /// shared-memory `Get` leases, blocks being streamed). Default: half the host pool
+    /// when two or more tenants share the sidecar, else unlimited.
     #[serde(deserialize_with = "de_opt_size")]
     pub leased_bytes: Option<u64>,
     /// Bytes of blocks the tenant may have stored in the host tier; past it, its own
@@ -189,18 +191,22 @@ pub struct Quota {
     /// Bytes of blocks the tenant may have stored in the disk tier (as `host_bytes`).
     #[serde(deserialize_with = "de_opt_size")]
     pub disk_bytes: Option<u64>,
-    /// Inline `Get` streams open at once. Default 16.
+    /// Inline `Get` streams open at once. Default 32.
     pub get_streams: Option<usize>,
     /// Shared-memory sessions open at once. Default 4.
     pub shm_sessions: Option<usize>,
     /// Calls in flight, over all its connections. Default 256.
     pub inflight: Option<usize>,
+    /// Request bytes its calls may have in reception at once. Default: half of
+    /// `max_receiving` when two or more tenants share the sidecar, else all of it.
+    #[serde(deserialize_with = "de_opt_size")]
+    pub receiving_bytes: Option<u64>,
 }
 
 impl Quota {
     /// Inline `Get` streams, defaulted.
     pub fn get_streams(&self) -> usize {
-        self.get_streams.unwrap_or(16)
+        self.get_streams.unwrap_or(32)
     }
     /// Shared-memory sessions, defaulted.
     pub fn shm_sessions(&self) -> usize {
@@ -209,6 +215,20 @@ impl Quota {
     /// Calls in flight, defaulted.
     pub fn inflight(&self) -> usize {
         self.inflight.unwrap_or(256)
+    }
+    /// Request bytes in reception, defaulted.
+    pub fn receiving_bytes(&self, cfg: &SidecarConfig) -> u64 {
+        self.receiving_bytes.unwrap_or(if cfg.tenants.len() > 1 {
+            cfg.max_receiving() / 2
+        } else {
+            cfg.max_receiving()
+        })
+    }
+    /// Leased host bytes, defaulted: with two or more tenants, half the host pool, so that
+    /// no tenant can lease the whole of it; otherwise unlimited.
+    pub fn leased_bytes(&self, cfg: &SidecarConfig) -> Option<u64> {
+        self.leased_bytes
+            .or((cfg.tenants.len() > 1).then_some(cfg.host_capacity / 2))
     }
 }
 
@@ -246,8 +266,8 @@ impl Default for SidecarConfig {
             max_unix_connections: 1024,
             max_metrics_connections: 16,
             max_shm_sessions: 64,
-            max_get_streams: 64,
-            idle_timeout: Duration::from_secs(60),
+            max_get_streams: 128,
+            idle_timeout: Duration::from_secs(300),
             first_request_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(90),
@@ -374,13 +394,6 @@ impl SidecarConfig {
                 return bad(format!("{name} {d:?} is outside 100ms..=24h"));
             }
         }
-        if self.keepalive_interval >= self.idle_timeout {
-            return bad(format!(
-                "keepalive_interval {:?} must be shorter than idle_timeout {:?} (live clients \
-                 are recognised by their answers to the pings)",
-                self.keepalive_interval, self.idle_timeout
-            ));
-        }
         if self.max_receiving_per_connection() < self.max_message {
             return bad(format!(
                 "max_receiving_per_connection {} is less than max_message {}",
@@ -436,6 +449,29 @@ impl SidecarConfig {
             }
             if t.tokens.is_empty() && t.token_files.is_empty() {
                 return bad(format!("tenant {} has no token", t.name));
+            }
+            for (name, v) in [
+                ("leased_bytes", t.quota.leased_bytes),
+                ("host_bytes", t.quota.host_bytes),
+                ("disk_bytes", t.quota.disk_bytes),
+            ] {
+                if let Some(v) = v
+                    && v < self.block_bytes
+                {
+                    return bad(format!(
+                        "tenant {}: quota.{name} {v} is less than one block ({} bytes)",
+                        t.name, self.block_bytes
+                    ));
+                }
+            }
+            if t.quota
+                .receiving_bytes
+                .is_some_and(|v| v < self.max_message)
+            {
+                return bad(format!(
+                    "tenant {}: quota.receiving_bytes is less than max_message {}",
+                    t.name, self.max_message
+                ));
             }
             if t.tokens.iter().any(|k| k.len() < 16) {
                 return bad(format!(

@@ -94,8 +94,14 @@ pub struct ConnState {
     pub kind: &'static str,
     inflight: AtomicUsize,
     /// Request bytes being received on this connection.
-    pub receiving: Budget,
+    pub receiving: Arc<Budget>,
+    /// Authenticated requests started.
     requests: AtomicU64,
+    /// Requests refused on their headers.
+    refusals: AtomicU64,
+    /// When the last authenticated request started (ms since the connection opened).
+    last_request_ms: AtomicU64,
+    opened: Instant,
 }
 
 /// The connection info tonic attaches to each request.
@@ -118,9 +124,21 @@ impl ConnState {
         (n < limit).then_some(guard)
     }
 
-    /// A request arrived (seen by the gate).
+    /// An authenticated request arrived (seen by the gate): the connection is in use.
     pub fn request_started(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        let ms = self.opened.elapsed().as_millis() as u64;
+        self.last_request_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// A request was refused on its headers (no or unknown token).
+    pub fn refused(&self) {
+        self.refusals.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Calls in flight (cache calls, including streams being sent).
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
     }
 
     /// Requests seen on this connection.
@@ -133,9 +151,10 @@ impl ConnState {
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
-/// An accepted connection. It closes itself (the next read fails with `TimedOut`) when
-/// nothing has been read from it for `idle_timeout`, and a TCP connection also when it
-/// has not started a request within `first_request_timeout`.
+/// An accepted connection. It closes itself (the next read fails) when it has had no
+/// call in flight and started no authenticated call for `idle_timeout`, when it has sent
+/// [`MAX_REFUSALS`](crate::gate::MAX_REFUSALS) requests without a valid token, and, on TCP,
+/// when it has not started an authenticated call within `first_request_timeout`.
 pub struct Conn {
     io: Box<dyn Io>,
     state: Arc<ConnState>,
@@ -161,8 +180,11 @@ impl Conn {
                 id,
                 kind,
                 inflight: AtomicUsize::new(0),
-                receiving: Budget::default(),
+                receiving: Budget::new(),
                 requests: AtomicU64::new(0),
+                refusals: AtomicU64::new(0),
+                last_request_ms: AtomicU64::new(0),
+                opened: Instant::now(),
             }),
             shared,
             _slot: slot,
@@ -172,10 +194,23 @@ impl Conn {
         }
     }
 
-    /// Whether a timer says the connection should close (polled while a read waits).
+    /// Whether the connection should close (checked while a read waits).
     fn timed_out(&mut self, cx: &mut Context<'_>) -> Option<&'static str> {
-        if self.idle_timer.as_mut().poll(cx).is_ready() {
-            return Some("nothing read for idle_timeout");
+        while self.idle_timer.as_mut().poll(cx).is_ready() {
+            // Idle means no call in flight and none started for idle_timeout: answering
+            // pings does not keep a connection open.
+            let last = self.state.opened
+                + Duration::from_millis(self.state.last_request_ms.load(Ordering::Relaxed));
+            let next = (last + self.idle).max(Instant::now() + Duration::from_millis(10));
+            if self.state.inflight() == 0 && last + self.idle <= Instant::now() {
+                return Some("no call for idle_timeout");
+            }
+            let next = if self.state.inflight() > 0 {
+                Instant::now() + self.idle
+            } else {
+                next
+            };
+            self.idle_timer.as_mut().reset(next);
         }
         if let Some(t) = &mut self.first_request {
             if self.state.requests() > 0 {
@@ -207,15 +242,15 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
+        if self.state.refusals.load(Ordering::Relaxed) >= crate::gate::MAX_REFUSALS {
+            self.shared.metrics.connection_timed_out(self.state.kind);
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "too many requests without a valid token",
+            )));
+        }
         match Pin::new(&mut self.io).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
-                    let deadline = Instant::now() + self.idle;
-                    self.idle_timer.as_mut().reset(deadline);
-                }
-                Poll::Ready(Ok(()))
-            }
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
             Poll::Pending => match self.timed_out(cx) {
                 Some(why) => {
                     tracing::debug!(

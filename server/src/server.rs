@@ -253,7 +253,28 @@ impl Sidecar {
             }
         }
         crate::codec::set_max_elements(cfg.max_request_elements());
-        raise_nofile_limit();
+        let nofile = raise_nofile_limit();
+        let mut cfg = cfg;
+        // Keep a reserve of descriptors: the listeners' caps together stay under the
+        // open-file limit, the TCP cap giving way first, so a flood of remote
+        // connections cannot take the descriptors local clients need.
+        let reserve = 128u64;
+        let local =
+            (cfg.max_unix_connections + cfg.max_metrics_connections + cfg.max_shm_sessions + 16)
+                as u64;
+        if nofile < local + cfg.max_tcp_connections as u64 + reserve {
+            let tcp = nofile.saturating_sub(reserve) / 4;
+            let unix = nofile.saturating_sub(reserve) / 2;
+            tracing::warn!(
+                nofile,
+                tcp_before = cfg.max_tcp_connections,
+                tcp,
+                unix_before = cfg.max_unix_connections,
+                "the open-file limit is low for the connection caps; lowering them"
+            );
+            cfg.max_tcp_connections = cfg.max_tcp_connections.min(tcp.max(1) as usize);
+            cfg.max_unix_connections = cfg.max_unix_connections.min(unix.max(1) as usize);
+        }
         let shared = Arc::new(Shared::new(cache, host, disk, auth, cfg));
         Ok(Sidecar {
             shared,
@@ -406,17 +427,21 @@ impl Sidecar {
         }
 
         let (health, health_svc) = tonic_health::server::health_reporter();
+        let standard = crate::gate::STANDARD_LIMIT as usize;
+        let health_svc = health_svc.max_decoding_message_size(standard);
         health
             .set_serving::<pb::cache_server::CacheServer<CacheService>>()
             .await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
+            .build_v1()?
+            .max_decoding_message_size(standard);
         let reflection_alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
+            .build_v1alpha()?
+            .max_decoding_message_size(standard);
         let max = cfg.max_message as usize;
         let svc = pb::cache_server::CacheServer::new(CacheService::new(shared.clone()))
             .max_decoding_message_size(max)
@@ -519,23 +544,28 @@ impl Sidecar {
 /// Raises the soft limit of open descriptors to the hard limit, so that the connection
 /// caps, not the descriptor limit, are what refuses clients (and the Unix socket keeps a
 /// reserve of descriptors under a flood of TCP connections).
-fn raise_nofile_limit() {
+fn raise_nofile_limit() -> u64 {
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit with a valid resource and a pointer to a live rlimit.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 1024;
+        }
+        if r.rlim_cur < r.rlim_max {
             let want = libc::rlimit {
                 rlim_cur: r.rlim_max,
                 rlim_max: r.rlim_max,
             };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
-                tracing::warn!("could not raise the open-file limit from {}", r.rlim_cur);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return want.rlim_cur;
             }
+            tracing::warn!("could not raise the open-file limit from {}", r.rlim_cur);
         }
     }
+    r.rlim_cur
 }
 
 /// Completes on SIGTERM or SIGINT.

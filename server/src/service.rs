@@ -83,6 +83,62 @@ impl Drop for StreamSlot {
     }
 }
 
+/// What an inline `Get` stream holds until its answer's body is dropped.
+struct StreamHold {
+    _slot: StreamSlot,
+    _lease: strata_cache_core::LeaseGuard,
+    leased: u64,
+    tenant: Arc<Tenant>,
+    _call: Call,
+}
+
+impl Drop for StreamHold {
+    fn drop(&mut self) {
+        self.tenant
+            .usage
+            .leased_pages
+            .fetch_sub(self.leased, Ordering::AcqRel);
+    }
+}
+
+/// The answer of an inline `Get`: the producer's messages, then, if the producer gave
+/// up because the client read nothing for the stall timeout, `DEADLINE_EXCEEDED` (so a
+/// client that resumes reading never mistakes the short stream for a whole one).
+struct GetStream {
+    rx: tokio_stream::wrappers::ReceiverStream<Result<pb::GetResponse, Status>>,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+    stall: Duration,
+    done: bool,
+    _hold: StreamHold,
+}
+
+impl Stream for GetStream {
+    type Item = Result<pb::GetResponse, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.rx).poll_next(cx) {
+            Poll::Ready(None) => {
+                self.done = true;
+                if self.stalled.load(Ordering::Acquire) {
+                    let stall = self.stall;
+                    return Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+                        "the client read nothing for {stall:?} (stall_timeout); stream ended"
+                    )))));
+                }
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+}
+
 /// Keeps an error message short: a caller's list can be millions long.
 fn list_short<T: std::fmt::Debug>(items: &[T]) -> String {
     const SHOWN: usize = 8;
@@ -490,6 +546,10 @@ impl CacheService {
 
     async fn put_inner(&self, req: Request<pb::PutRequest>) -> Result<pb::PutResponse, Status> {
         let call = self.begin(&req)?;
+        let charge = req
+            .extensions()
+            .get::<Arc<crate::gate::ReceiveCharge>>()
+            .cloned();
         let r = req.into_inner();
         let ns = self.ns(&call, &r.namespace)?;
         let tokens = self.tokens(r.tokens, &r.tokens_le)?;
@@ -538,6 +598,17 @@ impl CacheService {
                 .map_err(status_of)?
                 .matched_pages;
             let bb = self.shared.cache.block_bytes();
+            // What is copied out of the client's memory counts against the same budgets
+            // as bytes received inline.
+            let copies = r
+                .staging_slots
+                .iter()
+                .enumerate()
+                .filter(|&(i, &s)| s != u32::MAX && i >= cached)
+                .count();
+            if let Some(c) = &charge {
+                c.take(copies as u64 * bb as u64)?;
+            }
             staged = r
                 .staging_slots
                 .iter()
@@ -640,7 +711,7 @@ impl CacheService {
             return Ok(Box::pin(futures_util::stream::iter([Ok(msg)])));
         }
         // Inline: lease the prefix for the stream's life, send one block per message.
-        let stream_slot = self.get_stream_slot(&call)?;
+        let slot = self.get_stream_slot(&call)?;
         let lease = cache
             .lease_guard(&ns, &tokens, self.shared.cfg.max_lease)
             .map_err(status_of)?;
@@ -648,95 +719,108 @@ impl CacheService {
         self.shared.charge_leased(&call.tenant, leased)?;
         let matched = lease.pages().saturating_sub(skip).min(max);
         // One block read ahead and one waiting in the channel: with the one being encoded,
-        // a stream holds at most three blocks however slowly its client reads.
+        // a stream holds at most three blocks (plus HTTP/2's send buffer) however slowly
+        // its client reads.
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let shared = self.shared.clone();
         let stall = self.shared.cfg.stall_timeout;
-        tokio::spawn(async move {
-            let _stream_slot = stream_slot;
-            let _lease = lease;
-            let tenant = call.tenant.clone();
-            let _call = call;
-            // A send that waits longer than the stall timeout ends the stream: the client
-            // stopped reading, and its blocks must not stay in memory for it.
-            let send = |msg| {
-                let tx = tx.clone();
-                async move {
-                    match tokio::time::timeout(stall, tx.send(msg)).await {
-                        Ok(r) => r.is_ok(),
-                        Err(_) => {
-                            let _ = tx.try_send(Err(Status::deadline_exceeded(format!(
-                                "the client read nothing for {stall:?} (stall_timeout); stream ended"
-                            ))));
-                            false
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tenant = call.tenant.clone();
+        // What the stream holds (its slot in the caps, the lease, the leased charge, the
+        // call's place in flight) is given back when the answer's body is dropped, not when
+        // the producer stops: a body nobody reads still holds its blocks.
+        let hold = StreamHold {
+            _slot: slot,
+            _lease: lease,
+            leased,
+            tenant: tenant.clone(),
+            _call: call,
+        };
+        {
+            let stalled = stalled.clone();
+            tokio::spawn(async move {
+                // A send that waits longer than the stall timeout ends the stream: the
+                // client stopped reading.
+                let send = |msg| {
+                    let tx = tx.clone();
+                    let stalled = stalled.clone();
+                    async move {
+                        match tokio::time::timeout(stall, tx.send(msg)).await {
+                            Ok(r) => r.is_ok(),
+                            Err(_) => {
+                                stalled.store(true, Ordering::Release);
+                                false
+                            }
                         }
                     }
-                }
-            };
-            let header = pb::GetResponse {
-                matched_pages: matched as u64,
-                ..Default::default()
-            };
-            let mut ok = send(Ok(header)).await;
-            let stats = shared.cache.stats();
-            // Read two pages per call: each read matches the prompt and pins its prefix
-            // again, so the matching costs O(pages²/2) token comparisons for a long prompt
-            // (memcmp speed: a few ms for the longest prompt a call may carry), while a
-            // stream never holds more than a few blocks.
-            const CHUNK: usize = 2;
-            let mut i = 0;
-            'stream: while ok && i < matched {
-                let n = CHUNK.min(matched - i);
-                let mut out = vec![Vec::new(); n];
-                let rep = match shared
-                    .cache
-                    .read_from(&ns, &tokens, skip + i, &mut out)
-                    .await
-                {
-                    Ok(rep) => rep,
-                    Err(e) => {
-                        let _ = send(Err(status_of(e))).await;
+                };
+                let header = pb::GetResponse {
+                    matched_pages: matched as u64,
+                    ..Default::default()
+                };
+                let mut ok = send(Ok(header)).await;
+                let stats = shared.cache.stats();
+                // Read two pages per call: each read matches the prompt and pins its prefix
+                // again, so the matching costs O(pages²/2) token comparisons for a long
+                // prompt (memcmp speed: a few ms for the longest prompt a call may carry),
+                // while a stream never holds more than a few blocks.
+                const CHUNK: usize = 2;
+                let mut i = 0;
+                'stream: while ok && i < matched {
+                    let n = CHUNK.min(matched - i);
+                    let mut out = vec![Vec::new(); n];
+                    let rep = match shared
+                        .cache
+                        .read_from(&ns, &tokens, skip + i, &mut out)
+                        .await
+                    {
+                        Ok(rep) => rep,
+                        Err(e) => {
+                            let _ = send(Err(status_of(e))).await;
+                            break;
+                        }
+                    };
+                    // Where the chunk's blocks came from, when that was one tier.
+                    let tiers: Vec<usize> = (0..rep.from_tier.len())
+                        .filter(|&t| rep.from_tier[t] > 0)
+                        .collect();
+                    let tier = match tiers.as_slice() {
+                        [t] => stats.tiers.get(*t).and_then(|t| t.kind),
+                        _ => None,
+                    };
+                    for block in out.into_iter().take(rep.read) {
+                        shared.metrics.add_bytes_out(block.len() as u64);
+                        tenant
+                            .usage
+                            .bytes_out
+                            .fetch_add(block.len() as u64, Ordering::Relaxed);
+                        let msg = pb::GetResponse {
+                            page: i as u64,
+                            block: block.into(),
+                            tier: tier_pb(tier),
+                            ..Default::default()
+                        };
+                        ok = send(Ok(msg)).await;
+                        i += 1;
+                        if !ok {
+                            break 'stream;
+                        }
+                    }
+                    // A page left every tier meanwhile (or failed its check): the stream
+                    // ends short; the client sees fewer blocks than matched_pages.
+                    if rep.read < n {
                         break;
                     }
-                };
-                // Where the chunk's blocks came from, when that was one tier.
-                let tiers: Vec<usize> = (0..rep.from_tier.len())
-                    .filter(|&t| rep.from_tier[t] > 0)
-                    .collect();
-                let tier = match tiers.as_slice() {
-                    [t] => stats.tiers.get(*t).and_then(|t| t.kind),
-                    _ => None,
-                };
-                for block in out.into_iter().take(rep.read) {
-                    shared.metrics.add_bytes_out(block.len() as u64);
-                    tenant
-                        .usage
-                        .bytes_out
-                        .fetch_add(block.len() as u64, Ordering::Relaxed);
-                    let msg = pb::GetResponse {
-                        page: i as u64,
-                        block: block.into(),
-                        tier: tier_pb(tier),
-                        ..Default::default()
-                    };
-                    ok = send(Ok(msg)).await;
-                    i += 1;
-                    if !ok {
-                        break 'stream;
-                    }
                 }
-                // A page left every tier meanwhile (or failed its check): the stream ends
-                // short; the client sees fewer blocks than matched_pages.
-                if rep.read < n {
-                    break;
-                }
-            }
-            tenant
-                .usage
-                .leased_pages
-                .fetch_sub(leased, Ordering::AcqRel);
-        });
-        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+            });
+        }
+        Ok(Box::pin(GetStream {
+            rx: tokio_stream::wrappers::ReceiverStream::new(rx),
+            stalled,
+            stall,
+            done: false,
+            _hold: hold,
+        }))
     }
 
     async fn release_inner(

@@ -85,8 +85,10 @@ pub struct Shared {
     pub get_streams: AtomicU64,
     /// Flips to true when shutdown starts (ends `Watch` streams).
     pub shutdown: tokio::sync::watch::Sender<bool>,
-    /// Request bytes being received, all connections together.
-    pub receiving: crate::gate::Budget,
+    /// Request bytes being received by the cache service, all connections together.
+    pub receiving: Arc<crate::gate::Budget>,
+    /// Request bytes being received by the health and reflection services.
+    pub receiving_standard: Arc<crate::gate::Budget>,
     /// The listeners and their connection caps (for `/metrics`).
     pub listeners: parking_lot::Mutex<Vec<Arc<crate::conn::Listener>>>,
     /// Held while a namespace is counted against its tenant's limit and registered, so
@@ -118,7 +120,8 @@ impl Shared {
             connections: AtomicU64::new(0),
             get_streams: AtomicU64::new(0),
             shutdown: tokio::sync::watch::channel(false).0,
-            receiving: crate::gate::Budget::default(),
+            receiving: crate::gate::Budget::new(),
+            receiving_standard: crate::gate::Budget::new(),
             listeners: parking_lot::Mutex::new(Vec::new()),
             ns_lock: parking_lot::Mutex::new(()),
         }
@@ -187,7 +190,7 @@ impl Shared {
     pub fn charge_leased(&self, tenant: &Tenant, pages: u64) -> Result<(), tonic::Status> {
         let bb = self.cache.block_bytes() as u64;
         let held = tenant.usage.leased_pages.fetch_add(pages, Ordering::AcqRel) + pages;
-        if let Some(q) = tenant.quota.leased_bytes
+        if let Some(q) = tenant.quota.leased_bytes(&self.cfg)
             && held.saturating_mul(bb) > q
         {
             tenant.usage.leased_pages.fetch_sub(pages, Ordering::AcqRel);

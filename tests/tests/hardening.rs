@@ -132,12 +132,12 @@ stall_timeout = "2s""#,
     let mut header = vec![0u8];
     header.extend_from_slice(&declared.to_be_bytes());
 
-    // 48 unauthenticated streams over 2 connections, each sending 7 MiB of an 8 MiB message.
+    // 48 unauthenticated streams over 4 connections, each sending 7 MiB of an 8 MiB message.
     let mut refused = 0;
     let mut streams = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..4 {
         let mut send = h2_conn(&addr, 1 << 20).await;
-        for _ in 0..24 {
+        for _ in 0..12 {
             send = send.ready().await.unwrap();
             let (resp, mut body) = send
                 .send_request(grpc_request(&addr, "Put", None), false)
@@ -162,6 +162,33 @@ stall_timeout = "2s""#,
     assert_eq!(
         refused, 48,
         "every unauthenticated stream is refused on its headers"
+    );
+    // A connection that keeps sending requests without a token is closed.
+    let mut send = h2_conn(&addr, 1 << 20).await;
+    let mut closed = false;
+    for _ in 0..40 {
+        let Ok(ready) = send.ready().await else {
+            closed = true;
+            break;
+        };
+        send = ready;
+        let Ok((resp, _body)) = send.send_request(grpc_request(&addr, "Stats", None), true) else {
+            closed = true;
+            break;
+        };
+        if tokio::time::timeout(Duration::from_secs(5), grpc_status(resp))
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(
+        closed,
+        "40 refused requests and the connection is still open"
     );
     legit_round_trip(&sc, 1).await;
     let grown = sc.rss().saturating_sub(base);
@@ -221,12 +248,14 @@ stall_timeout = "2s""#,
     legit_round_trip(&sc, 2).await;
 }
 
-/// Finding 2: inline Get streams whose client never reads are capped per tenant and end
-/// after the stall timeout, giving back what they held.
+/// Finding 2: inline Get streams whose client never reads are capped per tenant and in
+/// total; the producer stops after the stall timeout (a client that reads again then gets
+/// DEADLINE_EXCEEDED, never a silently short stream); what a stream holds is given back
+/// when its client goes away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_streams_that_are_never_read_are_capped_and_time_out() {
     let dir = TempDir::new("hard-f2");
-    let cfg = config(&dir, r#"stall_timeout = "1s""#, "get_streams = 4");
+    let cfg = config(&dir, r#"stall_timeout = "2s""#, "get_streams = 4");
     let sc = Sidecar::start(&dir.0, &["--config", &cfg, "--tcp", "127.0.0.1:0"]);
     let addr = sc.tcp.clone().unwrap();
     let mut c = Client::connect_unix(&sc.socket)
@@ -236,20 +265,11 @@ async fn get_streams_that_are_never_read_are_capped_and_time_out() {
     let ns = c.open_namespace(&spec(1)).await.unwrap().namespace;
     let t = tokens(64, 1);
     c.put(&ns, &t, blocks(64, 1)).await.unwrap();
-
-    let req = pb::GetRequest {
+    let msg = grpc_frame(&pb::GetRequest {
         namespace: ns.clone(),
         tokens: t.clone(),
         ..Default::default()
-    };
-    let msg = {
-        use prost::Message;
-        let m = req.encode_to_vec();
-        let mut b = vec![0u8];
-        b.extend_from_slice(&(m.len() as u32).to_be_bytes());
-        b.extend_from_slice(&m);
-        Bytes::from(b)
-    };
+    });
     // A receive window of 1 KiB that is never released: the client reads nothing.
     let mut send = h2_conn(&addr, 1024).await;
     let mut held = Vec::new();
@@ -261,39 +281,121 @@ async fn get_streams_that_are_never_read_are_capped_and_time_out() {
         body.send_data(msg.clone(), true).unwrap();
         held.push(resp);
     }
+    let mut admin = Client::connect_unix(&sc.socket)
+        .await
+        .unwrap()
+        .with_token(ADMIN);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while admin.stats().await.unwrap().get_streams < 4 {
+        assert!(Instant::now() < deadline, "the 4 streams never opened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // A fifth stream is over the tenant's quota.
     let mut a2 = Client::connect_unix(&sc.socket)
         .await
         .unwrap()
         .with_token(ALICE);
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let e = a2.get(&ns, &t).await.unwrap_err();
     assert_eq!(e.code(), Some(Code::ResourceExhausted), "{e}");
     assert!(e.to_string().contains("quota.get_streams"), "{e}");
-    let mut admin = Client::connect_unix(&sc.socket)
-        .await
-        .unwrap()
-        .with_token(ADMIN);
-    assert_eq!(admin.stats().await.unwrap().get_streams, 4);
     // Another tenant is not affected.
     legit_round_trip(&sc, 3).await;
-    // The stalled streams end by themselves (the client still holds them open).
-    let deadline = Instant::now() + Duration::from_secs(15);
+    // After the stall timeout a stream whose client reads again ends with
+    // DEADLINE_EXCEEDED after the blocks that were already queued.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let first = held.remove(0);
+    let resp = first.await.unwrap();
+    let mut body = resp.into_body();
+    let mut got = 0;
+    while let Some(d) = body.data().await {
+        let d = d.unwrap();
+        got += d.len();
+        let _ = body.flow_control().release_capacity(d.len());
+    }
+    let trailers = body.trailers().await.unwrap().unwrap();
+    assert_eq!(
+        trailers.get("grpc-status").unwrap(),
+        "4",
+        "{trailers:?} after {got} bytes"
+    );
+    assert!(got < 64 * BLOCK, "the whole prompt was sent: {got} bytes");
+    // The client goes away: everything the streams held is given back.
+    drop(held);
+    drop(send);
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let s = admin.stats().await.unwrap();
         if s.get_streams == 0 && s.client_leases == 0 && s.leases == 0 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "stalled Get streams still open: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(Instant::now() < deadline, "Get streams still held: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mine = a2.stats().await.unwrap();
     assert_eq!((mine.get_streams, mine.tiers[0].pinned_bytes), (0, 0));
     assert_eq!(a2.get(&ns, &t).await.unwrap().len(), 64);
-    drop(held);
+}
+
+/// One gRPC message frame: the 5-byte prefix and `m` encoded.
+fn grpc_frame<M: prost::Message>(m: &M) -> Bytes {
+    raw_frame(&m.encode_to_vec())
+}
+
+fn raw_frame(m: &[u8]) -> Bytes {
+    let mut b = Vec::with_capacity(m.len() + 5);
+    b.push(0);
+    b.extend_from_slice(&(m.len() as u32).to_be_bytes());
+    b.extend_from_slice(m);
+    Bytes::from(b)
+}
+
+/// Sends one already-framed unary request over HTTP/2 on the Unix socket and returns
+/// its grpc-status and grpc-message.
+async fn raw_unary(sc: &Sidecar, method: &str, token: &str, frame: Bytes) -> (String, String) {
+    let s = tokio::net::UnixStream::connect(&sc.socket).await.unwrap();
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(1 << 20)
+        .handshake(s)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await.unwrap();
+    let (resp, mut body) = send
+        .send_request(grpc_request("localhost", method, Some(token)), false)
+        .unwrap();
+    let mut rest = frame;
+    while !rest.is_empty() {
+        let n = rest.len().min(1 << 20);
+        body.reserve_capacity(n);
+        let chunk = rest.split_to(n);
+        if body.send_data(chunk, rest.is_empty()).is_err() {
+            break;
+        }
+    }
+    let resp = tokio::time::timeout(Duration::from_secs(30), resp)
+        .await
+        .expect("no answer within 30 s")
+        .unwrap();
+    let h = |m: &http::HeaderMap, k: &str| {
+        m.get(k)
+            .map(|v| v.to_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    if resp.headers().contains_key("grpc-status") {
+        return (
+            h(resp.headers(), "grpc-status"),
+            h(resp.headers(), "grpc-message"),
+        );
+    }
+    let mut b = resp.into_body();
+    while let Some(d) = b.data().await {
+        let d = d.unwrap();
+        let _ = b.flow_control().release_capacity(d.len());
+    }
+    let t = b.trailers().await.unwrap().unwrap_or_default();
+    (h(&t, "grpc-status"), h(&t, "grpc-message"))
 }
 
 /// Finding 3: idle TCP connections and half-sent metrics requests are capped and timed
@@ -369,6 +471,7 @@ async fn a_tcp_connection_flood_leaves_the_local_sockets_reachable() {
         Some(1024),
     );
     let addr = sc.tcp.clone().unwrap();
+    raise_own_nofile(4096);
     let flood: Vec<TcpStream> = (0..1500)
         .filter_map(|_| TcpStream::connect(&addr).ok())
         .collect();
@@ -392,6 +495,23 @@ async fn a_tcp_connection_flood_leaves_the_local_sockets_reachable() {
     drop(flood);
 }
 
+/// Raises this test process's soft open-file limit to at least `n` (within the hard
+/// limit), for tests that open many sockets.
+fn raise_own_nofile(n: u64) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid resource and a pointer to a live rlimit.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        if r.rlim_cur < n {
+            r.rlim_cur = n.min(r.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
 fn http_get(addr: &str, token: Option<&str>) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     let auth = token
@@ -408,8 +528,9 @@ fn http_get(addr: &str, token: Option<&str>) -> String {
 }
 
 /// Finding 4: requests that decode to far more than their size (empty elements, packed
-/// zeros) are refused before decoding; control calls have a small size limit; an error
-/// that lists what the caller sent is short.
+/// zeros, hidden behind a trailing group) are refused before decoding; a declared length
+/// over the method's limit is refused from its prefix; control calls have a small size
+/// limit; an error that lists what the caller sent is short.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decoding_inflation_and_huge_error_messages_are_refused() {
     let dir = TempDir::new("hard-f4");
@@ -421,25 +542,46 @@ async fn decoding_inflation_and_huge_error_messages_are_refused() {
         .unwrap()
         .with_token(ALICE);
     let ns = c.open_namespace(&spec(1)).await.unwrap().namespace;
-    // 60 MiB of empty `blocks` elements: 31 million elements.
-    let put = pb::PutRequest {
-        namespace: ns.clone(),
-        blocks: vec![Bytes::new(); 30 << 20],
-        ..Default::default()
+    let ns_field = {
+        let mut f = vec![0x0a, ns.len() as u8];
+        f.extend_from_slice(ns.as_bytes());
+        f
     };
-    let r = c.request(put).unwrap();
-    let e = c.raw().put(r).await.unwrap_err();
-    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-    assert!(e.message().contains("repeated elements"), "{}", e.message());
-    // 60 MiB of packed zero tokens in a Put.
-    let put = pb::PutRequest {
-        namespace: ns.clone(),
-        tokens: vec![0; 60 << 20],
-        ..Default::default()
-    };
-    let r = c.request(put).unwrap();
-    let e = c.raw().put(r).await.unwrap_err();
-    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // 60 MiB of empty `blocks` elements (field 3): 31 million elements.
+    let mut m = ns_field.clone();
+    m.extend(std::iter::repeat_n([0x1au8, 0x00], 30 << 20).flatten());
+    let (code, msg) = raw_unary(&sc, "Put", ALICE, raw_frame(&m)).await;
+    assert_eq!(code, "8", "{msg}");
+    assert!(
+        msg.contains("repeated%20elements") || msg.contains("repeated elements"),
+        "{msg}"
+    );
+    // The same followed by an unknown group (which prost would skip): not a plain message.
+    m.extend_from_slice(&[0xbb, 0x3e, 0xbc, 0x3e]); // field 999 start group, end group
+    let (code, msg) = raw_unary(&sc, "Put", ALICE, raw_frame(&m)).await;
+    assert_eq!(code, "3", "{msg}");
+    // 60 MiB of packed zero tokens (field 2) in a Put.
+    let mut m = ns_field.clone();
+    let n = 60u32 << 20;
+    m.push(0x12);
+    let mut v = n;
+    while v >= 0x80 {
+        m.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    m.push(v as u8);
+    m.resize(m.len() + n as usize, 0);
+    let (code, msg) = raw_unary(&sc, "Put", ALICE, raw_frame(&m)).await;
+    assert_eq!(code, "8", "{msg}");
+    drop(m);
+    // A Lookup declaring 60 MiB is refused from its prefix, without sending the rest.
+    let mut prefix = vec![0u8];
+    prefix.extend_from_slice(&(60u32 << 20).to_be_bytes());
+    let started = Instant::now();
+    let (code, msg) = raw_unary(&sc, "Lookup", ALICE, Bytes::from(prefix)).await;
+    assert_eq!(code, "8", "{msg}");
+    assert!(msg.contains("Lookup"), "{msg}");
+    assert!(started.elapsed() < Duration::from_secs(5));
     // A Lookup (no blocks) of 4 MiB is over the control limit.
     let look = pb::LookupRequest {
         namespace: ns.clone(),
@@ -450,7 +592,7 @@ async fn decoding_inflation_and_huge_error_messages_are_refused() {
     let e = c.raw().lookup(r).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(
-        e.message().contains("Lookup request is over"),
+        e.message().contains("Lookup request message"),
         "{}",
         e.message()
     );
@@ -463,6 +605,51 @@ async fn decoding_inflation_and_huge_error_messages_are_refused() {
     let grown = sc.rss().saturating_sub(base);
     assert!(grown < 400 << 20, "grew by {} MiB", grown >> 20);
     legit_round_trip(&sc, 6).await;
+}
+
+/// The standard services: health checks need no token anywhere; reflection needs one on
+/// TCP (it is open on the owner-only Unix socket); their messages are small.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_over_tcp_needs_a_token_and_health_stays_open() {
+    let dir = TempDir::new("hard-std");
+    let cfg = config(&dir, "", "");
+    let sc = Sidecar::start(&dir.0, &["--config", &cfg, "--tcp", "127.0.0.1:0"]);
+    let addr = sc.tcp.clone().unwrap();
+    let refl = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+    let health = "/grpc.health.v1.Health/Check";
+    let call = |path: &str, token: Option<&str>, frame: Bytes| {
+        let (addr, path, token) = (addr.clone(), path.to_string(), token.map(str::to_string));
+        async move {
+            let mut send = h2_conn(&addr, 1 << 20).await.ready().await.unwrap();
+            let mut b = http::Request::builder()
+                .method("POST")
+                .uri(format!("http://{addr}{path}"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers");
+            if let Some(t) = token {
+                b = b.header("authorization", format!("Bearer {t}"));
+            }
+            let (resp, mut body) = send.send_request(b.body(()).unwrap(), false).unwrap();
+            let _ = body.send_data(frame, true);
+            tokio::time::timeout(Duration::from_secs(10), grpc_status(resp))
+                .await
+                .expect("no answer")
+        }
+    };
+    let list = raw_frame(&[0x3a, 0x00]); // list_services = ""
+    assert_eq!(call(refl, None, list.clone()).await.as_deref(), Some("16"));
+    assert_eq!(call(refl, Some(ALICE), list).await.as_deref(), Some("0"));
+    assert_eq!(
+        call(health, None, raw_frame(&[])).await.as_deref(),
+        Some("0")
+    );
+    // A health check declaring 4 MiB is refused from its prefix.
+    let mut big = vec![0u8];
+    big.extend_from_slice(&(4u32 << 20).to_be_bytes());
+    assert_eq!(
+        call(health, None, Bytes::from(big)).await.as_deref(),
+        Some("8")
+    );
 }
 
 /// Finding 5: per-tenant quotas. A tenant at its leased-bytes quota is refused naming
@@ -626,8 +813,11 @@ async fn staging_slots_of_cached_pages_are_not_read_and_sessions_are_capped() {
         .expect("a fifth session was opened");
     assert!(e.to_string().contains("quota.shm_sessions"), "{e}");
     drop(sessions);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(c.open_shm(&sc.shm).is_ok());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.open_shm(&sc.shm).is_err() {
+        assert!(Instant::now() < deadline, "sessions were not given back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Finding 7: concurrent opens cannot pass `max_namespaces` together.
@@ -687,7 +877,6 @@ async fn tenants_see_only_their_own_figures() {
         ("tenant:alice", 2, 0)
     );
     assert_eq!(a.tiers[0].resident_bytes, 2 * BLOCK as u64);
-    assert_eq!((a.tiers[0].hits, a.connections), (0, 0));
     let b = bob.stats().await.unwrap();
     assert_eq!((b.pages, b.lookups), (5, 1));
     let mut admin = Client::connect_unix(&sc.socket)
