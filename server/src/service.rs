@@ -385,6 +385,15 @@ impl CacheService {
                     call.tenant.name, call.tenant.max_namespaces
                 )));
             }
+            // Test hook: widens the window between the count and the insert, so that a test
+            // shows concurrent opens cannot pass the limit together.
+            #[cfg(feature = "testing")]
+            if let Some(ms) = std::env::var("STRATA_TEST_NAMESPACE_DELAY_MS")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
             let handle = self.shared.cache.register(&ns).map_err(status_of)?;
             self.shared.cache.set_group(&handle, call.tenant.group);
             self.shared.namespaces.entry(id).or_insert(NsEntry {

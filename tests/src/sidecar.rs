@@ -108,6 +108,16 @@ impl Sidecar {
     /// Like [`Sidecar::start`], with the open-file limit (soft and hard) set to `nofile`
     /// when given.
     pub fn start_limited(dir: &Path, extra: &[&str], nofile: Option<u64>) -> Sidecar {
+        Self::start_with(dir, extra, nofile, &[])
+    }
+
+    /// Like [`Sidecar::start_limited`], with extra environment variables (test hooks).
+    pub fn start_with(
+        dir: &Path,
+        extra: &[&str],
+        nofile: Option<u64>,
+        env: &[(&str, &str)],
+    ) -> Sidecar {
         let socket = dir.join("sidecar.sock");
         let mut cmd = Command::new(built_binary("strata-sidecar-under-test"));
         cmd.arg("--socket").arg(&socket);
@@ -140,6 +150,7 @@ impl Sidecar {
                 });
             }
         }
+        cmd.envs(env.iter().copied());
         cmd.args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())

@@ -830,7 +830,14 @@ async fn max_namespaces_holds_under_concurrent_opens() {
         format!("[[tenants]]\nname = \"alice\"\ntokens = [\"{ALICE}\"]\nmax_namespaces = 4\n"),
     )
     .unwrap();
-    let sc = Sidecar::start(&dir.0, &["--config", p.to_str().unwrap()]);
+    // The sidecar waits 20 ms between counting a tenant's namespaces and registering a new
+    // one (a test hook), so all 16 opens of a round overlap in that window.
+    let sc = Sidecar::start_with(
+        &dir.0,
+        &["--config", p.to_str().unwrap()],
+        None,
+        &[("STRATA_TEST_NAMESPACE_DELAY_MS", "20")],
+    );
     for round in 0..5u8 {
         let mut tasks = Vec::new();
         for m in 0..16u8 {
