@@ -806,6 +806,7 @@ async fn staging_slots_of_cached_pages_are_not_read_and_sessions_are_capped() {
         "Puts of cached pages through 4 sessions of 32 MiB staging grew the sidecar by {} MiB",
         grown >> 20
     );
+    legit_round_trip(&sc, 8).await;
     // The tenant's fifth session is refused, naming the quota.
     let e = c
         .open_shm(&sc.shm)
