@@ -5,16 +5,16 @@
 //! is the reference client of Strata's cache.
 //!
 //! The core idea is that the engine's working KV ([`KvPool`]) is made of pages whose bytes
-//! are exactly cache-core's blocks: `[layer][k|v][token][kv_head][head_dim]` f32, one page of
-//! `page_size` tokens per block, named by the namespace [`Model::namespace`] derives from the
-//! weights' blake3. A page can be exported to any tier and imported back, and prefill can
+//! are exactly cache-core's blocks: `[layer][k|v][token][kv_head][head_dim]` in f16 (the
+//! default) or f32 ([`KvDtype`]), one page of `page_size` tokens per block, named by the
+//! namespace [`Model::namespace`] derives from the weights' blake3 and the KV dtype. A page can be exported to any tier and imported back, and prefill can
 //! start after the imported prefix: one-pass prefill, chunked prefill and prefill on top of
 //! imported pages give the same logits.
 //!
 //! ```no_run
-//! use strata_engine::{Engine, KvPool, Sequence, sampler::Sampling};
+//! use strata_engine::{Engine, KvDtype, KvPool, Sequence, sampler::Sampling};
 //! let engine = Engine::load(&strata_engine::fetch::default_model()?)?;
-//! let mut pool = KvPool::new(&engine.model.config, 64, 256)?;
+//! let mut pool = KvPool::new(&engine.model.config, KvDtype::F16, 64, 256)?;
 //! let prompt = engine.encode_prompt("The capital of France is", false)?;
 //! let mut seq = Sequence::new();
 //! let out = engine.generate(&mut pool, &mut seq, &prompt, 16, Sampling::default(), 512, |_| Ok(()))?;
@@ -36,7 +36,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub use chat::{ChatTemplate, Message};
-pub use kv::{KvPool, Sequence};
+pub use kv::{KvDtype, KvPool, Sequence};
 pub use model::{Logits, Model, ModelConfig};
 use sampler::{Sampler, Sampling};
 use tokenizers::Tokenizer;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 use rayon::prelude::*;
-use strata_cache_core::{KvDtype, KvLayout, KvShape, Namespace, TpShape};
+use strata_cache_core::{KvLayout, KvShape, Namespace, TpShape};
 use strata_kernels::ops::{Rope, add_inplace, rmsnorm_rows_inplace, silu_mul};
 use strata_kernels::{
     AttnShape, DType, RopeLayout, WeightMatrix, matmul, matmul_many, paged_attention,
@@ -14,7 +14,7 @@ use strata_kernels::{
 
 use crate::EngineError;
 use crate::gguf::{GgufFile, Value};
-use crate::kv::{KvPool, Sequence};
+use crate::kv::{KvDtype, KvPool, LayerPages, Sequence};
 
 /// What the forward pass needs to know about a model.
 #[derive(Clone, Debug, PartialEq)]
@@ -600,15 +600,18 @@ impl Model {
         }
     }
 
-    /// The cache namespace this model's KV pages belong to (f32, page-first).
+    /// The cache namespace this model's KV pages belong to: pages of `page_size` tokens in
+    /// `dtype` (the pool's, [`KvPool::dtype`]), page-first. f16 and f32 pages of the same
+    /// prefix have different block keys.
     pub fn namespace(
         &self,
+        dtype: KvDtype,
         page_size: usize,
         tenant_salt: &[u8],
     ) -> Result<Namespace, EngineError> {
         Namespace::new(
             self.fingerprint,
-            KvDtype::F32,
+            dtype.cache_dtype(),
             KvLayout::PageFirst,
             page_size as u32,
             self.kv_shape(),
@@ -712,9 +715,11 @@ impl Model {
                 .enumerate()
                 .for_each(|(i, r)| self.rope.apply(r, start + i));
             pool.write_kv(seq, li, start, &k, &v);
-            let pages = pool.layer_pages(seq, li);
-            paged_attention(shape, &q, n, start, &pages, &mut att)
-                .map_err(|e| EngineError::Internal(e.to_string()))?;
+            match pool.layer_pages(seq, li) {
+                LayerPages::F16(pages) => paged_attention(shape, &q, n, start, &pages, &mut att),
+                LayerPages::F32(pages) => paged_attention(shape, &q, n, start, &pages, &mut att),
+            }
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
             matmul(&l.wo.view(), &att, n, &mut xn);
             if let Some(b) = &l.bo {
                 xn.chunks_exact_mut(h).for_each(|r| add_inplace(r, b));

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{engine, fixtures, ids, reference};
-use strata_engine::{KvPool, Logits, Sequence};
+use strata_engine::{KvDtype, KvPool, Logits, Sequence};
 
 struct Comparison {
     agree: usize,
@@ -13,12 +13,13 @@ struct Comparison {
     max_margin_diff: f32,
 }
 
-/// Teacher-forces the passage and compares every position's top-10 reference logits.
-fn teacher_forced() -> Comparison {
+/// Teacher-forces the passage with KV pages in `dtype` and compares every position's top-10
+/// reference logits.
+fn teacher_forced(dtype: KvDtype) -> Comparison {
     let e = engine();
     let r = reference();
     let tokens = ids(&r["passage"]["tokens"]);
-    let mut pool = KvPool::new(&e.model.config, 64, 64).unwrap();
+    let mut pool = KvPool::new(&e.model.config, dtype, 64, 64).unwrap();
     let mut seq = Sequence::new();
     let logits = e
         .model
@@ -60,7 +61,7 @@ fn teacher_forced() -> Comparison {
 
 #[test]
 fn teacher_forced_top1_agrees_with_the_reference() {
-    let c = teacher_forced();
+    let c = teacher_forced(KvDtype::F32);
     let rate = c.agree as f64 / c.positions as f64;
     println!(
         "teacher-forced: top-1 agreement {}/{} = {:.2}%, max logit difference {:.4}, max top-2 margin difference {:.4}",
@@ -81,6 +82,47 @@ fn teacher_forced_top1_agrees_with_the_reference() {
 }
 
 #[test]
+fn teacher_forced_top1_with_f16_kv_agrees_with_the_reference() {
+    let c = teacher_forced(KvDtype::F16);
+    let rate = c.agree as f64 / c.positions as f64;
+    println!(
+        "teacher-forced, f16 KV: top-1 agreement {}/{} = {:.2}%, max logit difference {:.4}, max top-2 margin difference {:.4}",
+        c.agree,
+        c.positions,
+        rate * 100.0,
+        c.max_logit_diff,
+        c.max_margin_diff
+    );
+    assert!(rate >= 0.99, "top-1 agreement {rate:.4} is below 99%");
+    // The same bound as with f32 KV: rounding K/V to f16 moves logits by about a hundredth.
+    assert!(
+        c.max_logit_diff < 0.05,
+        "max logit difference {}",
+        c.max_logit_diff
+    );
+}
+
+#[test]
+fn perplexity_with_f16_kv_is_within_half_a_percent_of_f32_kv() {
+    let e = engine();
+    let text = std::fs::read_to_string(fixtures().join("passage.txt")).unwrap();
+    let tokens = e.encode_prompt(&text, false).unwrap();
+    let ppl = |dtype| {
+        let mut pool = KvPool::new(&e.model.config, dtype, 64, 64).unwrap();
+        e.perplexity(&mut pool, &tokens, 200).unwrap().0
+    };
+    let (p32, p16) = (ppl(KvDtype::F32), ppl(KvDtype::F16));
+    println!(
+        "perplexity: f32 KV {p32:.4}, f16 KV {p16:.4} ({:+.3}%)",
+        (p16 / p32 - 1.0) * 100.0
+    );
+    assert!(
+        (p16 / p32 - 1.0).abs() < 0.005,
+        "f16 KV perplexity {p16} vs f32 KV {p32}"
+    );
+}
+
+#[test]
 fn full_logits_match_at_the_reference_positions() {
     let e = engine();
     let r = reference();
@@ -93,7 +135,7 @@ fn full_logits_match_at_the_reference_positions() {
         .collect();
     let vocab = e.model.config.vocab;
     assert_eq!(want.len(), at.len() * vocab);
-    let mut pool = KvPool::new(&e.model.config, 64, 64).unwrap();
+    let mut pool = KvPool::new(&e.model.config, KvDtype::F32, 64, 64).unwrap();
     let mut seq = Sequence::new();
     let logits = e
         .model
@@ -127,7 +169,7 @@ fn perplexity_is_within_two_percent_of_the_reference() {
     let r = reference();
     let text = std::fs::read_to_string(fixtures().join("passage.txt")).unwrap();
     let tokens = e.encode_prompt(&text, false).unwrap();
-    let mut pool = KvPool::new(&e.model.config, 64, 64).unwrap();
+    let mut pool = KvPool::new(&e.model.config, KvDtype::F32, 64, 64).unwrap();
     // Scored in two chunks to exercise the chunked path too.
     let (ppl, n) = e.perplexity(&mut pool, &tokens, 200).unwrap();
     let want = r["passage"]["perplexity"].as_f64().unwrap();
@@ -165,12 +207,21 @@ fn tokenizer_matches_the_reference() {
 
 #[test]
 fn greedy_decoding_gives_the_reference_tokens() {
+    greedy_decoding_gives_the_reference_tokens_in(KvDtype::F32);
+}
+
+#[test]
+fn greedy_decoding_with_f16_kv_gives_the_reference_tokens() {
+    greedy_decoding_gives_the_reference_tokens_in(KvDtype::F16);
+}
+
+fn greedy_decoding_gives_the_reference_tokens_in(dtype: KvDtype) {
     let e = engine();
     let r = reference();
-    // The measured error of a top-2 margin, from the teacher-forced comparison: a divergence
-    // is allowed only where the reference's own margin is below it (a near-tie).
-    // Capped: a broken model must not widen its own tolerance.
-    let margin_error = teacher_forced().max_margin_diff.min(0.05);
+    // The measured error of a top-2 margin, from the teacher-forced comparison (with the
+    // same KV dtype): a divergence is allowed only where the reference's own margin is below
+    // it (a near-tie). Capped: a broken model must not widen its own tolerance.
+    let margin_error = teacher_forced(dtype).max_margin_diff.min(0.05);
     for case in r["greedy"].as_array().unwrap() {
         let prompt = ids(&case["tokens"]);
         let want = ids(&case["generated"]);
@@ -180,7 +231,7 @@ fn greedy_decoding_gives_the_reference_tokens() {
             .iter()
             .map(|m| m.as_f64().unwrap() as f32)
             .collect();
-        let mut pool = KvPool::new(&e.model.config, 64, 64).unwrap();
+        let mut pool = KvPool::new(&e.model.config, dtype, 64, 64).unwrap();
         let mut seq = Sequence::new();
         let mut logits = e.model.prefill(&mut pool, &mut seq, &prompt, 512).unwrap();
         let mut got = Vec::new();
@@ -189,7 +240,7 @@ fn greedy_decoding_gives_the_reference_tokens() {
             got.push(next);
             if next != want[step] {
                 println!(
-                    "{}: diverges at step {step}: reference margin {} vs measured margin error {margin_error}",
+                    "{} ({dtype} KV): diverges at step {step}: reference margin {} vs measured margin error {margin_error}",
                     case["name"], margins[step]
                 );
                 assert!(
@@ -207,7 +258,7 @@ fn greedy_decoding_gives_the_reference_tokens() {
                 .unwrap();
         }
         println!(
-            "{}: {} of {} greedy tokens equal: {:?}",
+            "{} ({dtype} KV): {} of {} greedy tokens equal: {:?}",
             case["name"],
             got.iter().zip(&want).take_while(|(a, b)| a == b).count(),
             want.len(),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use common::{engine, ids, reference};
 use strata_cache_core::{CacheConfig, EvictionKind, TierSpec, TieredCache, WritePolicy, block_on};
 use strata_engine::sampler::argmax;
-use strata_engine::{Engine, KvPool, Logits, Sequence};
+use strata_engine::{Engine, KvDtype, KvPool, Logits, Sequence};
 use strata_host_tier::{HostPool, HostPoolConfig};
 
 const PAGE: usize = 64;
@@ -38,6 +38,15 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn one_pass_chunked_and_imported_prefill_agree() {
+    one_pass_chunked_and_imported_prefill_agree_in(KvDtype::F32);
+}
+
+#[test]
+fn one_pass_chunked_and_imported_prefill_agree_with_f16_pages() {
+    one_pass_chunked_and_imported_prefill_agree_in(KvDtype::F16);
+}
+
+fn one_pass_chunked_and_imported_prefill_agree_in(dtype: KvDtype) {
     let e = engine();
     let tokens = ids(&reference()["passage"]["tokens"]);
     assert!(tokens.len() > 5 * PAGE);
@@ -45,7 +54,7 @@ fn one_pass_chunked_and_imported_prefill_agree() {
     let cfg = &e.model.config;
 
     // 1. One pass.
-    let mut pool = KvPool::new(cfg, PAGE, 16).unwrap();
+    let mut pool = KvPool::new(cfg, dtype, PAGE, 16).unwrap();
     let mut seq = Sequence::new();
     let one = e
         .model
@@ -56,7 +65,7 @@ fn one_pass_chunked_and_imported_prefill_agree() {
     // 2. Chunks of 37 tokens (not page-aligned).
     // Its pages come from the pool out of order: a sequence that held six pages returned
     // them, and the free list hands them back last first.
-    let mut pool2 = KvPool::new(cfg, PAGE, 16).unwrap();
+    let mut pool2 = KvPool::new(cfg, dtype, PAGE, 16).unwrap();
     let mut scratch = Sequence::new();
     pool2.reserve(&mut scratch, 6 * PAGE).unwrap();
     pool2.release(&mut scratch);
@@ -70,7 +79,7 @@ fn one_pass_chunked_and_imported_prefill_agree() {
     let chunked_cont = greedy(e, &mut pool2, &mut seq2, chunked.clone(), 16);
 
     // 3. A first request computes the prefix and stores its pages in a host-tier cache ...
-    let ns = e.model.namespace(PAGE, b"tenant").unwrap();
+    let ns = e.model.namespace(dtype, PAGE, b"tenant").unwrap();
     assert_eq!(
         ns.block_bytes(),
         pool.block_bytes(),
@@ -98,7 +107,7 @@ fn one_pass_chunked_and_imported_prefill_agree() {
     .unwrap();
     let h = cache.register(&ns).unwrap();
     let prefix = &tokens[..prefix_pages * PAGE];
-    let mut pool3 = KvPool::new(cfg, PAGE, 16).unwrap();
+    let mut pool3 = KvPool::new(cfg, dtype, PAGE, 16).unwrap();
     let mut first = Sequence::new();
     e.model
         .prefill(&mut pool3, &mut first, prefix, 100)
@@ -114,7 +123,7 @@ fn one_pass_chunked_and_imported_prefill_agree() {
     assert_eq!(hit.matched_pages, prefix_pages);
     let mut got = vec![Vec::new(); hit.matched_pages];
     block_on(cache.read(&h, &tokens, &mut got)).unwrap();
-    let mut pool4 = KvPool::new(cfg, PAGE, 16).unwrap();
+    let mut pool4 = KvPool::new(cfg, dtype, PAGE, 16).unwrap();
     let mut seq4 = Sequence::new();
     for b in &got {
         pool4.import(&mut seq4, b).unwrap();
@@ -134,7 +143,9 @@ fn one_pass_chunked_and_imported_prefill_agree() {
     let imported_cont = greedy(e, &mut pool4, &mut seq4, imported.clone(), 16);
 
     let (d_chunk, d_import) = (max_diff(&one, &chunked), max_diff(&one, &imported));
-    println!("max |Δlogit| vs one pass: chunked {d_chunk:e}, imported prefix {d_import:e}");
+    println!(
+        "{dtype} KV: max |Δlogit| vs one pass: chunked {d_chunk:e}, imported prefix {d_import:e}"
+    );
     assert!(
         d_chunk < 1e-3 && d_import < 1e-3,
         "chunked {d_chunk}, imported {d_import}"
@@ -144,7 +155,7 @@ fn one_pass_chunked_and_imported_prefill_agree() {
 
     // Another tenant's namespace finds nothing of it.
     let other = cache
-        .register(&e.model.namespace(PAGE, b"other").unwrap())
+        .register(&e.model.namespace(dtype, PAGE, b"other").unwrap())
         .unwrap();
     assert_eq!(cache.lookup(&other, &tokens).unwrap().matched_pages, 0);
 }
@@ -158,7 +169,7 @@ fn blocks_of<'a>(pool: &'a KvPool, seq: &Sequence, i: usize) -> &'a [u8] {
 #[test]
 fn import_refuses_bad_blocks_and_keeps_what_it_has() {
     let e = engine();
-    let mut pool = KvPool::new(&e.model.config, PAGE, 4).unwrap();
+    let mut pool = KvPool::new(&e.model.config, KvDtype::default(), PAGE, 4).unwrap();
     let mut seq = Sequence::new();
     let short = vec![0u8; pool.block_bytes() - 4];
     assert!(pool.import(&mut seq, &short).is_err());

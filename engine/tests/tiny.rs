@@ -4,7 +4,7 @@
 mod common;
 
 use common::fixtures;
-use strata_engine::{Engine, KvPool, Logits, Sequence};
+use strata_engine::{Engine, KvDtype, KvPool, Logits, Sequence};
 
 #[test]
 fn tiny_safetensors_models_match_the_reference() {
@@ -26,7 +26,7 @@ fn tiny_safetensors_models_match_the_reference() {
             })
             .collect();
         let vocab = e.model.config.vocab;
-        let mut pool = KvPool::new(&e.model.config, 16, 8).unwrap();
+        let mut pool = KvPool::new(&e.model.config, KvDtype::F32, 16, 8).unwrap();
         let mut seq = Sequence::new();
         let got = e
             .model
@@ -147,4 +147,25 @@ fn the_namespace_follows_weights_and_configuration() {
     let c = Engine::load(&dir).unwrap();
     assert_ne!(a.model.fingerprint(), c.model.fingerprint());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_namespace_follows_the_kv_dtype() {
+    let e = Engine::load(&fixtures().join("tiny_llama")).unwrap();
+    let f16 = e.model.namespace(KvDtype::F16, 16, b"t").unwrap();
+    let f32 = e.model.namespace(KvDtype::F32, 16, b"t").unwrap();
+    assert_eq!(f16.dtype(), strata_cache_core::KvDtype::F16);
+    assert_eq!(f32.dtype(), strata_cache_core::KvDtype::F32);
+    // Every block key differs: the same prefix in f16 and f32 never shares a block.
+    let tokens: Vec<u32> = (0..64).collect();
+    let (a, b) = (f16.page_keys(&tokens), f32.page_keys(&tokens));
+    assert_eq!(a.len(), 4);
+    assert!(a.iter().all(|k| !b.contains(k)), "f16 and f32 keys overlap");
+    assert_ne!(f16.root_key(), f32.root_key());
+    // A page is a block of that namespace: f16 pages are half the bytes.
+    for (dtype, ns) in [(KvDtype::F16, &f16), (KvDtype::F32, &f32)] {
+        let pool = KvPool::new(&e.model.config, dtype, 16, 1).unwrap();
+        assert_eq!(pool.block_bytes(), ns.block_bytes(), "{dtype}");
+    }
+    assert_eq!(2 * f16.block_bytes(), f32.block_bytes());
 }

@@ -1,8 +1,92 @@
-//! Causal grouped-query attention over a paged KV cache.
+//! Causal grouped-query attention over a paged KV cache whose pages hold f32 or IEEE half.
 
+use half::f16;
 use rayon::prelude::*;
 
 use crate::{KernelError, SharedOut};
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+}
+
+/// An element type KV pages can hold: `f32`, or IEEE half ([`half::f16`], converted to f32
+/// as attention reads it: F16C on AVX2 CPUs, `half` on the portable path). Sealed.
+pub trait KvElement: Copy + Send + Sync + sealed::Sealed + 'static {
+    /// `q · k`, portable.
+    #[doc(hidden)]
+    fn dot(q: &[f32], k: &[Self]) -> f32;
+    /// `acc += s·v`, portable.
+    #[doc(hidden)]
+    fn axpy(s: f32, v: &[Self], acc: &mut [f32]);
+    /// `q · k` in AVX2.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `q.len() == k.len()`.
+    #[doc(hidden)]
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_avx2(q: &[f32], k: &[Self]) -> f32;
+    /// `acc += s·v` in AVX2.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `v.len() == acc.len()`.
+    #[doc(hidden)]
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn axpy_avx2(s: f32, v: &[Self], acc: &mut [f32]);
+}
+
+impl KvElement for f32 {
+    #[inline(always)]
+    fn dot(q: &[f32], k: &[f32]) -> f32 {
+        q.iter().zip(k).map(|(x, y)| x * y).sum()
+    }
+    #[inline(always)]
+    fn axpy(s: f32, v: &[f32], acc: &mut [f32]) {
+        acc.iter_mut().zip(v).for_each(|(o, x)| *o += s * x);
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_avx2(q: &[f32], k: &[f32]) -> f32 {
+        // SAFETY: the caller's contract is dot_f32's.
+        unsafe { crate::dot::avx2::dot_f32(q, k) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn axpy_avx2(s: f32, v: &[f32], acc: &mut [f32]) {
+        // SAFETY: the caller's contract is axpy's.
+        unsafe { crate::dot::avx2::axpy(s, v, acc) }
+    }
+}
+
+impl KvElement for f16 {
+    #[inline(always)]
+    fn dot(q: &[f32], k: &[f16]) -> f32 {
+        q.iter().zip(k).map(|(x, y)| x * y.to_f32()).sum()
+    }
+    #[inline(always)]
+    fn axpy(s: f32, v: &[f16], acc: &mut [f32]) {
+        acc.iter_mut()
+            .zip(v)
+            .for_each(|(o, x)| *o += s * x.to_f32());
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_avx2(q: &[f32], k: &[f16]) -> f32 {
+        // SAFETY: the caller's contract is dot_f16's.
+        unsafe { crate::dot::avx2::dot_f16(q, k) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn axpy_avx2(s: f32, v: &[f16], acc: &mut [f32]) {
+        // SAFETY: the caller's contract is axpy_f16's.
+        unsafe { crate::dot::avx2::axpy_f16(s, v, acc) }
+    }
+}
 
 /// The shape attention works on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,7 +102,7 @@ pub struct AttnShape {
 }
 
 impl AttnShape {
-    /// Floats of one layer's part of one page: `[k|v][token][kv_head][head_dim]`.
+    /// Elements of one layer's part of one page: `[k|v][token][kv_head][head_dim]`.
     pub fn layer_page_floats(&self) -> usize {
         2 * self.page_size * self.n_kv_heads * self.head_dim
     }
@@ -40,36 +124,38 @@ impl AttnShape {
 /// `0..start + n` (the new tokens' K/V must already be written into the pages).
 ///
 /// - `q`: `n × n_heads × head_dim`, RoPE applied;
-/// - `pages[p]`: layer slice of page `p` ([`AttnShape::layer_page_floats`] floats), covering
-///   positions `p·page_size..(p+1)·page_size`;
+/// - `pages[p]`: layer slice of page `p` ([`AttnShape::layer_page_floats`] elements, f32 or
+///   f16), covering positions `p·page_size..(p+1)·page_size`;
 /// - `out`: `n × n_heads × head_dim`.
 ///
 /// Query token `i` sees positions `0..=start + i` (causal). Scores are scaled by
-/// `1/√head_dim`.
-pub fn paged_attention(
+/// `1/√head_dim`. Scores and sums are f32 whatever the pages hold.
+pub fn paged_attention<T: KvElement>(
     shape: AttnShape,
     q: &[f32],
     n: usize,
     start: usize,
-    pages: &[&[f32]],
+    pages: &[&[T]],
     out: &mut [f32],
 ) -> Result<(), KernelError> {
     // Decode has few (token, kv head) pairs: split groups into single heads so every thread
     // has work; prefill keeps a group together so each K/V row is read once for the group.
     let split = n * shape.n_kv_heads < 4 * rayon::current_num_threads();
-    paged_attention_jobs(shape, q, n, start, pages, out, split)
+    paged_attention_jobs(shape, q, n, start, pages, out, split, crate::simd())
 }
 
-/// [`paged_attention`] with the job split chosen by the caller (`split_groups`: one job per
-/// query head instead of one per group).
-fn paged_attention_jobs(
+/// [`paged_attention`] with the job split (`split_groups`: one job per query head instead of
+/// one per group) and the instruction set chosen by the caller.
+#[allow(clippy::too_many_arguments)]
+fn paged_attention_jobs<T: KvElement>(
     shape: AttnShape,
     q: &[f32],
     n: usize,
     start: usize,
-    pages: &[&[f32]],
+    pages: &[&[T]],
     out: &mut [f32],
     split_groups: bool,
+    simd: crate::Simd,
 ) -> Result<(), KernelError> {
     shape.check()?;
     let AttnShape {
@@ -105,7 +191,6 @@ fn paged_attention_jobs(
         scale: 1.0 / (hd as f32).sqrt(),
         out: SharedOut(out.as_mut_ptr()),
     };
-    let simd = crate::simd();
     (0..n * n_kv_heads * jobs_per_kv)
         .into_par_iter()
         .for_each(|j| {
@@ -114,26 +199,21 @@ fn paged_attention_jobs(
             let g0 = j % jobs_per_kv * per_job;
             #[cfg(target_arch = "x86_64")]
             if simd == crate::Simd::Avx2 {
-                // SAFETY: simd() found AVX2/FMA on this CPU.
+                // SAFETY: Simd::Avx2 comes from simd(), which found AVX2, FMA and F16C on
+                // this CPU.
                 unsafe { job.run_avx2(i, kvh, g0..g0 + per_job) };
                 return;
             }
             let _ = simd;
-            job.run(
-                i,
-                kvh,
-                g0..g0 + per_job,
-                |a, b| a.iter().zip(b).map(|(x, y)| x * y).sum(),
-                |s, x, y| y.iter_mut().zip(x).for_each(|(o, v)| *o += s * v),
-            );
+            job.run(i, kvh, g0..g0 + per_job, T::dot, T::axpy);
         });
     Ok(())
 }
 
 /// One attention call's inputs, shared by its parallel jobs.
-struct Job<'a> {
+struct Job<'a, T> {
     q: &'a [f32],
-    pages: &'a [&'a [f32]],
+    pages: &'a [&'a [T]],
     start: usize,
     n_kv_heads: usize,
     hd: usize,
@@ -143,7 +223,7 @@ struct Job<'a> {
     out: SharedOut,
 }
 
-impl Job<'_> {
+impl<T: KvElement> Job<'_, T> {
     /// Query token `i`, heads `gs` of kv head `kvh`'s group, with the given dot and axpy.
     #[inline(always)]
     fn run(
@@ -151,8 +231,8 @@ impl Job<'_> {
         i: usize,
         kvh: usize,
         gs: std::ops::Range<usize>,
-        dot: impl Fn(&[f32], &[f32]) -> f32,
-        axpy: impl Fn(f32, &[f32], &mut [f32]),
+        dot: impl Fn(&[f32], &[T]) -> f32,
+        axpy: impl Fn(f32, &[T], &mut [f32]),
     ) {
         let (hd, ps, nkv) = (self.hd, self.page_size, self.n_kv_heads);
         let row = nkv * self.group * hd;
@@ -198,22 +278,21 @@ impl Job<'_> {
         }
     }
 
-    /// [`Job::run`] compiled for AVX2 with the AVX2 dot and axpy inlined.
+    /// [`Job::run`] compiled for AVX2 with the element type's AVX2 dot and axpy inlined.
     ///
     /// # Safety
     /// The CPU has AVX2, FMA and F16C.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run_avx2(&self, i: usize, kvh: usize, gs: std::ops::Range<usize>) {
-        use crate::dot::avx2;
         self.run(
             i,
             kvh,
             gs,
-            // SAFETY: the caller guarantees AVX2/FMA; both rows are head_dim long.
-            |a, b| unsafe { avx2::dot_f32(a, b) },
+            // SAFETY: the caller guarantees AVX2/FMA/F16C; both rows are head_dim long.
+            |a, b| unsafe { T::dot_avx2(a, b) },
             // SAFETY: as above; acc and v rows are head_dim long.
-            |s, x, y| unsafe { avx2::axpy(s, x, y) },
+            |s, x, y| unsafe { T::axpy_avx2(s, x, y) },
         );
     }
 }
@@ -265,9 +344,11 @@ mod tests {
         out
     }
 
-    #[test]
-    fn paged_attention_matches_dense_causal_gqa() {
-        let (nh, nkv, hd, ps) = (6, 2, 16, 8);
+    /// Scatters K/V into pages of `T` and checks both job splits on both instruction sets
+    /// against the f64 reference. `round` is what storing in `T` does to a value, applied to
+    /// K/V first so that the reference sees exactly what the pages hold.
+    fn check_against_reference<T: KvElement>(from: fn(f32) -> T, round: fn(f32) -> f32) {
+        let (nh, nkv, hd, ps) = (6, 2, 20, 8);
         let shape = AttnShape {
             n_heads: nh,
             n_kv_heads: nkv,
@@ -276,37 +357,64 @@ mod tests {
         };
         for (start, n) in [(0usize, 1usize), (0, 13), (21, 1), (5, 19)] {
             let ctx = start + n;
-            let k = randv(1 + ctx as u64, ctx * nkv * hd, 1.0);
-            let v = randv(2 + ctx as u64, ctx * nkv * hd, 1.0);
+            let k: Vec<f32> = randv(1 + ctx as u64, ctx * nkv * hd, 1.0)
+                .into_iter()
+                .map(round)
+                .collect();
+            let v: Vec<f32> = randv(2 + ctx as u64, ctx * nkv * hd, 1.0)
+                .into_iter()
+                .map(round)
+                .collect();
             let q = randv(3 + ctx as u64, n * nh * hd, 2.0);
             // Scatter K/V into pages (pages hold positions p·ps..(p+1)·ps; the engine's tests
             // cover pages taken from the pool out of order).
             let npages = ctx.div_ceil(ps);
-            let mut store: Vec<Vec<f32>> = vec![randv(9, shape.layer_page_floats(), 1.0); npages];
+            let junk: Vec<T> = randv(9, shape.layer_page_floats(), 1.0)
+                .into_iter()
+                .map(from)
+                .collect();
+            let mut store: Vec<Vec<T>> = vec![junk; npages];
             for t in 0..ctx {
                 let p = &mut store[t / ps];
                 for kvh in 0..nkv {
                     let src = (t * nkv + kvh) * hd;
                     let dk = (t % ps * nkv + kvh) * hd;
-                    p[dk..dk + hd].copy_from_slice(&k[src..src + hd]);
                     let dv = ps * nkv * hd + dk;
-                    p[dv..dv + hd].copy_from_slice(&v[src..src + hd]);
+                    for d in 0..hd {
+                        p[dk + d] = from(k[src + d]);
+                        p[dv + d] = from(v[src + d]);
+                    }
                 }
             }
-            let pages: Vec<&[f32]> = store.iter().map(|p| p.as_slice()).collect();
+            let pages: Vec<&[T]> = store.iter().map(|p| p.as_slice()).collect();
             let mut out = vec![0f32; n * nh * hd];
             let want = reference(&q, &k, &v, n, start, nh, nkv, hd);
-            // Both job splits: one job per GQA group and one per query head.
-            for split in [false, true] {
-                paged_attention_jobs(shape, &q, n, start, &pages, &mut out, split).unwrap();
-                for (g, w) in out.iter().zip(&want) {
-                    assert!(
-                        (f64::from(*g) - w).abs() < 1e-4,
-                        "start {start} n {n} split {split}: {g} vs {w}"
-                    );
+            // Both job splits (one job per GQA group and one per query head), portable and
+            // (where the CPU has it) AVX2.
+            for simd in [crate::Simd::Scalar, crate::simd()] {
+                for split in [false, true] {
+                    out.fill(f32::NAN);
+                    paged_attention_jobs(shape, &q, n, start, &pages, &mut out, split, simd)
+                        .unwrap();
+                    for (g, w) in out.iter().zip(&want) {
+                        assert!(
+                            (f64::from(*g) - w).abs() < 1e-4,
+                            "start {start} n {n} split {split} {simd:?}: {g} vs {w}"
+                        );
+                    }
                 }
             }
         }
+    }
+
+    #[test]
+    fn paged_attention_matches_dense_causal_gqa() {
+        check_against_reference::<f32>(|x| x, |x| x);
+    }
+
+    #[test]
+    fn paged_attention_over_f16_pages_matches_dense_causal_gqa() {
+        check_against_reference::<f16>(f16::from_f32, |x| f16::from_f32(x).to_f32());
     }
 
     #[test]

@@ -337,6 +337,61 @@ pub(crate) mod avx2 {
         s
     }
 
+    /// `a · b` with `b` in IEEE half, converted with F16C.
+    ///
+    /// # Safety
+    /// AVX2/FMA/F16C present; `a.len() == b.len()`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn dot_f16(a: &[f32], b: &[half::f16]) -> f32 {
+        let n = a.len();
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n and both slices have n elements (caller's contract); an
+            // f16 is 2 bytes, so 8 of them are one unaligned 128-bit load.
+            acc = unsafe {
+                _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i)),
+                    _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i) as *const __m128i)),
+                    acc,
+                )
+            };
+            i += 8;
+        }
+        let mut s = hsum(acc);
+        while i < n {
+            s += a[i] * h2f(b[i].to_bits());
+            i += 1;
+        }
+        s
+    }
+
+    /// `y += alpha·x` with `x` in IEEE half, converted with F16C.
+    ///
+    /// # Safety
+    /// AVX2/FMA/F16C present; `x.len() == y.len()`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn axpy_f16(alpha: f32, x: &[half::f16], y: &mut [f32]) {
+        let n = x.len();
+        let av = _mm256_set1_ps(alpha);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n and both slices have n elements (caller's contract).
+            unsafe {
+                let yp = y.as_mut_ptr().add(i);
+                let xv = _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().add(i) as *const __m128i));
+                _mm256_storeu_ps(yp, _mm256_fmadd_ps(av, xv, _mm256_loadu_ps(yp)));
+            }
+            i += 8;
+        }
+        while i < n {
+            y[i] += alpha * h2f(x[i].to_bits());
+            i += 1;
+        }
+    }
+
     /// # Safety
     /// AVX2/FMA present; `x.len() == y.len()`.
     #[inline]

@@ -12,9 +12,10 @@
 //! - **Matrix products are row-parallel** on the rayon pool, and tile four activation rows
 //!   per weight row during prefill so a weight block is unpacked once for four tokens.
 //! - **Attention reads a paged KV cache** laid out exactly as cache-core's `PageFirst` block
-//!   (`[layer][k|v][token][kv_head][head_dim]`, f32): [`paged_attention`] takes, per page,
-//!   the slice of one layer, so a page exported to a tier and imported back is used as is.
-//!   Grouped-query attention shares each K/V row among the query heads of its group.
+//!   (`[layer][k|v][token][kv_head][head_dim]`, f16 or f32, see [`KvElement`]):
+//!   [`paged_attention`] takes, per page, the slice of one layer, so a page exported to a
+//!   tier and imported back is used as is. f16 pages are widened to f32 as they are read
+//!   (F16C); grouped-query attention shares each K/V row among the query heads of its group.
 //! - RMSNorm, RoPE in both pair layouts ([`RopeLayout::Adjacent`] for GGUF Llama weights,
 //!   [`RopeLayout::HalfSplit`] for Hugging Face weights), SiLU-gated MLP and softmax in
 //!   [`ops`].
@@ -28,7 +29,7 @@ pub mod matmul;
 pub mod ops;
 pub mod quant;
 
-pub use attention::{AttnShape, paged_attention};
+pub use attention::{AttnShape, KvElement, paged_attention};
 pub use matmul::{WeightMatrix, matmul, matmul_many};
 pub use ops::RopeLayout;
 pub use quant::{DType, QAct};

