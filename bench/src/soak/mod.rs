@@ -566,7 +566,6 @@ async fn drive(ctl: &Arc<Ctl>) -> anyhow::Result<(Duration, Option<pb::StatsResp
     for i in 0..cfg.connections {
         let tenant = shared.tenants[i % shared.tenants.len()].clone();
         let w = workload::Worker {
-            id: i,
             tenant,
             tcp: (i / shared.tenants.len()) % 2 == 1,
             shm: i / shared.tenants.len() < SHM_SESSIONS_PER_TENANT,

@@ -21,8 +21,6 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One connection's settings.
 pub struct Worker {
-    /// Index (names it in errors).
-    pub id: usize,
     /// Its tenant.
     pub tenant: Tenant,
     /// TCP (else the Unix socket).
