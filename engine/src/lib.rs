@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 pub use chat::{ChatTemplate, Message};
 pub use kv::{KvDtype, KvPool, Sequence};
-pub use model::{Logits, Model, ModelConfig};
+pub use model::{BatchItem, Logits, Model, ModelConfig};
 use sampler::{Sampler, Sampling};
 use tokenizers::Tokenizer;
 

@@ -131,6 +131,17 @@ pub enum Logits {
     All,
 }
 
+/// One sequence's part of a batched forward pass ([`Model::forward_batch`]).
+#[derive(Debug)]
+pub struct BatchItem<'a> {
+    /// The sequence the tokens are appended to (its K/V pages grow in the pool).
+    pub seq: &'a mut Sequence,
+    /// The new tokens: one for a decode step, up to a chunk for prefill.
+    pub tokens: &'a [u32],
+    /// Which logits this item wants back.
+    pub logits: Logits,
+}
+
 /// A loaded model: configuration and weights.
 pub struct Model {
     /// Configuration.
@@ -622,7 +633,8 @@ impl Model {
     }
 
     /// Runs `tokens` through the model, appending their K/V to `seq` (pages from `pool`),
-    /// and returns the logits after the last token or after every token.
+    /// and returns the logits after the last token or after every token. A batch of one:
+    /// see [`Model::forward_batch`].
     pub fn forward(
         &self,
         pool: &mut KvPool,
@@ -630,41 +642,111 @@ impl Model {
         tokens: &[u32],
         want: Logits,
     ) -> Result<Vec<f32>, EngineError> {
+        let mut items = [BatchItem {
+            seq,
+            tokens,
+            logits: want,
+        }];
+        let mut out = self.forward_batch(pool, &mut items)?;
+        Ok(out.pop().expect("one item, one result"))
+    }
+
+    /// Runs several sequences' new tokens through the model in one pass: each item's tokens
+    /// (one for a decode step, a chunk for prefill) are stacked into one activation matrix,
+    /// so every weight product runs once per layer for the whole batch; RMSNorm, RoPE (each
+    /// row at its own sequence's position) and the MLP gate work row by row, and K/V writes
+    /// and attention per sequence over its own pages. Returns each item's logits, in item
+    /// order, as [`Model::forward`] would for it alone.
+    ///
+    /// Every item is checked and every page reserved before anything runs: a bad item or a
+    /// pool too short for the whole batch fails the call and leaves every sequence as it was.
+    pub fn forward_batch(
+        &self,
+        pool: &mut KvPool,
+        items: &mut [BatchItem<'_>],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         // Run the whole pass on a pool thread: the kernels' parallel loops then start from
         // inside the pool instead of each handing work over from an outside thread.
         let mut result = None;
-        rayon::scope(|_| result = Some(self.forward_inner(pool, seq, tokens, want)));
+        rayon::scope(|_| result = Some(self.forward_batch_inner(pool, items)));
         result.expect("rayon::scope runs its closure")
     }
 
-    fn forward_inner(
+    /// Checks every item (tokens, vocabulary, context) and the pool's shape.
+    fn validate_batch(&self, pool: &KvPool, items: &[BatchItem<'_>]) -> Result<(), EngineError> {
+        let c = &self.config;
+        if items.is_empty() {
+            return Err(EngineError::BadRequest("no sequences to run".into()));
+        }
+        for it in items {
+            if it.tokens.is_empty() {
+                return Err(EngineError::BadRequest("no tokens to run".into()));
+            }
+            if let Some(t) = it.tokens.iter().find(|t| **t as usize >= c.vocab) {
+                return Err(EngineError::BadRequest(format!(
+                    "token id {t} is outside the vocabulary of {}",
+                    c.vocab
+                )));
+            }
+            let end = it.seq.len() + it.tokens.len();
+            if end > c.ctx_len {
+                return Err(EngineError::BadRequest(format!(
+                    "{end} tokens exceed the model's context of {}",
+                    c.ctx_len
+                )));
+            }
+        }
+        pool.check_shape(c)
+    }
+
+    /// Gives every item pages for its new tokens, all or nothing: when the pool cannot hold
+    /// the whole batch, no sequence gains a page.
+    fn reserve_batch(pool: &mut KvPool, items: &mut [BatchItem<'_>]) -> Result<(), EngineError> {
+        let ps = pool.page_size();
+        let missing: usize = items
+            .iter()
+            .map(|it| {
+                (it.seq.len() + it.tokens.len())
+                    .div_ceil(ps)
+                    .saturating_sub(it.seq.pages().len())
+            })
+            .sum();
+        if items.len() > 1 && missing > 0 {
+            // `KvPool::reserve` is all-or-nothing for one sequence: reserving the batch's
+            // total into a scratch sequence proves the pool can hold it (or fails with
+            // nothing changed); the pages go straight back to the free list for the items.
+            let mut scratch = Sequence::new();
+            pool.reserve(&mut scratch, missing * ps)?;
+            pool.release(&mut scratch);
+        }
+        for it in items.iter_mut() {
+            let end = it.seq.len() + it.tokens.len();
+            pool.reserve(it.seq, end)?;
+        }
+        Ok(())
+    }
+
+    fn forward_batch_inner(
         &self,
         pool: &mut KvPool,
-        seq: &mut Sequence,
-        tokens: &[u32],
-        want: Logits,
-    ) -> Result<Vec<f32>, EngineError> {
+        items: &mut [BatchItem<'_>],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.validate_batch(pool, items)?;
+        Self::reserve_batch(pool, items)?;
         let c = &self.config;
+        // Row r of the stacked activations is token `pos[r]` of sequence `owner[r]`; item i
+        // owns rows `offs[i]..offs[i + 1]`.
+        let mut offs = Vec::with_capacity(items.len() + 1);
+        let mut tokens = Vec::new();
+        let mut pos = Vec::new();
+        offs.push(0);
+        for it in items.iter() {
+            let start = it.seq.len();
+            tokens.extend_from_slice(it.tokens);
+            pos.extend(start..start + it.tokens.len());
+            offs.push(tokens.len());
+        }
         let n = tokens.len();
-        if n == 0 {
-            return Err(EngineError::BadRequest("no tokens to run".into()));
-        }
-        if let Some(t) = tokens.iter().find(|t| **t as usize >= c.vocab) {
-            return Err(EngineError::BadRequest(format!(
-                "token id {t} is outside the vocabulary of {}",
-                c.vocab
-            )));
-        }
-        let start = seq.len();
-        if start + n > c.ctx_len {
-            return Err(EngineError::BadRequest(format!(
-                "{} tokens exceed the model's context of {}",
-                start + n,
-                c.ctx_len
-            )));
-        }
-        pool.check_shape(c)?;
-        pool.reserve(seq, start + n)?;
         let (h, q_dim, kv_dim, hd) = (
             c.hidden,
             c.n_heads * c.head_dim,
@@ -709,17 +791,28 @@ impl Model {
                 rmsnorm_rows_inplace(&mut k, kn, c.rms_eps);
             }
             q.par_chunks_mut(q_dim)
-                .enumerate()
-                .for_each(|(i, r)| self.rope.apply(r, start + i));
+                .zip(pos.par_iter())
+                .for_each(|(r, p)| self.rope.apply(r, *p));
             k.par_chunks_mut(kv_dim)
-                .enumerate()
-                .for_each(|(i, r)| self.rope.apply(r, start + i));
-            pool.write_kv(seq, li, start, &k, &v);
-            match pool.layer_pages(seq, li) {
-                LayerPages::F16(pages) => paged_attention(shape, &q, n, start, &pages, &mut att),
-                LayerPages::F32(pages) => paged_attention(shape, &q, n, start, &pages, &mut att),
+                .zip(pos.par_iter())
+                .for_each(|(r, p)| self.rope.apply(r, *p));
+            for (i, it) in items.iter().enumerate() {
+                let (a, b) = (offs[i], offs[i + 1]);
+                let start = it.seq.len();
+                pool.write_kv(
+                    it.seq,
+                    li,
+                    start,
+                    &k[a * kv_dim..b * kv_dim],
+                    &v[a * kv_dim..b * kv_dim],
+                );
+                let (qi, oi) = (&q[a * q_dim..b * q_dim], &mut att[a * q_dim..b * q_dim]);
+                match pool.layer_pages(it.seq, li) {
+                    LayerPages::F16(pages) => paged_attention(shape, qi, b - a, start, &pages, oi),
+                    LayerPages::F32(pages) => paged_attention(shape, qi, b - a, start, &pages, oi),
+                }
+                .map_err(|e| EngineError::Internal(e.to_string()))?;
             }
-            .map_err(|e| EngineError::Internal(e.to_string()))?;
             matmul(&l.wo.view(), &att, n, &mut xn);
             if let Some(b) = &l.bo {
                 xn.chunks_exact_mut(h).for_each(|r| add_inplace(r, b));
@@ -739,16 +832,36 @@ impl Model {
             matmul(&l.w_down.view(), &gate, n, &mut xn);
             add_inplace(&mut x, &xn);
         }
-        seq.set_len(start + n);
-        let rows = match want {
-            Logits::Last => &mut x[(n - 1) * h..],
-            Logits::All => &mut x[..],
-        };
-        rmsnorm_rows_inplace(rows, &self.norm, c.rms_eps);
-        let m = rows.len() / h;
+        for (i, it) in items.iter_mut().enumerate() {
+            let start = it.seq.len();
+            it.seq.set_len(start + offs[i + 1] - offs[i]);
+        }
+        // The rows that need logits (each item's last, or all of its rows), stacked so the
+        // output matrix is read once for the whole batch.
+        let wanted: Vec<std::ops::Range<usize>> = items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| match it.logits {
+                Logits::Last => offs[i + 1] - 1..offs[i + 1],
+                Logits::All => offs[i]..offs[i + 1],
+            })
+            .collect();
+        let m: usize = wanted.iter().map(|r| r.len()).sum();
+        let mut rows = Vec::with_capacity(m * h);
+        for r in &wanted {
+            rows.extend_from_slice(&x[r.start * h..r.end * h]);
+        }
+        rmsnorm_rows_inplace(&mut rows, &self.norm, c.rms_eps);
         let mut logits = vec![0f32; m * c.vocab];
-        matmul(&self.output.view(), rows, m, &mut logits);
-        Ok(logits)
+        matmul(&self.output.view(), &rows, m, &mut logits);
+        let mut out = Vec::with_capacity(items.len());
+        let mut at = 0;
+        for r in &wanted {
+            let len = r.len() * c.vocab;
+            out.push(logits[at..at + len].to_vec());
+            at += len;
+        }
+        Ok(out)
     }
 
     /// Prefill in chunks of at most `chunk` tokens; returns the logits after the last token.
