@@ -40,6 +40,8 @@ pub struct LogSummary {
     pub lines: u64,
     /// Blocks the disk tier recovered, from the last "disk tier open" line.
     pub recovered: Option<u64>,
+    /// "disk tier open" lines with a recovered count seen so far.
+    pub opens: u64,
 }
 
 impl LogSummary {
@@ -61,6 +63,7 @@ impl LogSummary {
                 .find_map(|w| w.strip_prefix("recovered="))
         {
             self.recovered = v.parse().ok();
+            self.opens += 1;
         }
         if line.contains("panicked") {
             self.panics.push(line.clone());
