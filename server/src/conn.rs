@@ -102,6 +102,10 @@ pub struct ConnState {
     /// When the last authenticated request started (ms since the connection opened).
     last_request_ms: AtomicU64,
     opened: Instant,
+    /// Set when the connection must close (a stream on it stalled past its grace).
+    doomed: std::sync::atomic::AtomicBool,
+    /// Wakes the connection's reader so that it sees `doomed`.
+    waker: futures_util::task::AtomicWaker,
 }
 
 /// The connection info tonic attaches to each request.
@@ -134,6 +138,15 @@ impl ConnState {
     /// A request was refused on its headers (no or unknown token).
     pub fn refused(&self) {
         self.refusals.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Closes the connection: its next read fails, ending every call on it. Used when a
+    /// stream's client has read nothing for twice the stall timeout (HTTP/2 would
+    /// otherwise keep the stream, and what it holds, for as long as the client answers
+    /// pings).
+    pub fn close(&self) {
+        self.doomed.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     /// Calls in flight (cache calls, including streams being sent).
@@ -185,6 +198,8 @@ impl Conn {
                 refusals: AtomicU64::new(0),
                 last_request_ms: AtomicU64::new(0),
                 opened: Instant::now(),
+                doomed: std::sync::atomic::AtomicBool::new(false),
+                waker: futures_util::task::AtomicWaker::new(),
             }),
             shared,
             _slot: slot,
@@ -242,6 +257,13 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        self.state.waker.register(cx.waker());
+        if self.state.doomed.load(Ordering::Acquire) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "a stream on this connection made no progress",
+            )));
+        }
         if self.state.refusals.load(Ordering::Relaxed) >= crate::gate::MAX_REFUSALS {
             self.shared.metrics.connection_timed_out(self.state.kind);
             return Poll::Ready(Err(io::Error::new(

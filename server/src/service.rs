@@ -110,6 +110,7 @@ struct GetStream {
     stall: Duration,
     done: bool,
     _hold: StreamHold,
+    _alive: Arc<()>,
 }
 
 impl Stream for GetStream {
@@ -735,6 +736,7 @@ impl CacheService {
         let stall = self.shared.cfg.stall_timeout;
         let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tenant = call.tenant.clone();
+        let conn = call.conn.clone();
         // What the stream holds (its slot in the caps, the lease, the leased charge, the
         // call's place in flight) is given back when the answer's body is dropped, not when
         // the producer stops: a body nobody reads still holds its blocks.
@@ -745,8 +747,13 @@ impl CacheService {
             tenant: tenant.clone(),
             _call: call,
         };
+        // Alive while the answer's body is: a body still held a stall timeout after the
+        // producer gave up means its client keeps its window closed; the connection is
+        // closed then, which frees the stream and what it holds.
+        let alive = Arc::new(());
         {
             let stalled = stalled.clone();
+            let alive = Arc::downgrade(&alive);
             tokio::spawn(async move {
                 // A send that waits longer than the stall timeout ends the stream: the
                 // client stopped reading.
@@ -821,6 +828,16 @@ impl CacheService {
                         break;
                     }
                 }
+                drop(tx);
+                if stalled.load(Ordering::Acquire) {
+                    tokio::time::sleep(stall).await;
+                    if alive.upgrade().is_some()
+                        && let Some(c) = conn
+                    {
+                        tracing::debug!(conn = c.id, "closing: a Get stream's client read nothing");
+                        c.close();
+                    }
+                }
             });
         }
         Ok(Box::pin(GetStream {
@@ -829,6 +846,7 @@ impl CacheService {
             stall,
             done: false,
             _hold: hold,
+            _alive: alive,
         }))
     }
 

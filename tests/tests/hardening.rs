@@ -250,12 +250,12 @@ stall_timeout = "2s""#,
 
 /// Finding 2: inline Get streams whose client never reads are capped per tenant and in
 /// total; the producer stops after the stall timeout (a client that reads again then gets
-/// DEADLINE_EXCEEDED, never a silently short stream); what a stream holds is given back
-/// when its client goes away.
+/// DEADLINE_EXCEEDED, never a silently short stream); a client that still reads nothing a
+/// stall timeout later has its connection closed, which gives back what the streams held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_streams_that_are_never_read_are_capped_and_time_out() {
     let dir = TempDir::new("hard-f2");
-    let cfg = config(&dir, r#"stall_timeout = "2s""#, "get_streams = 4");
+    let cfg = config(&dir, r#"stall_timeout = "3s""#, "get_streams = 4");
     let sc = Sidecar::start(&dir.0, &["--config", &cfg, "--tcp", "127.0.0.1:0"]);
     let addr = sc.tcp.clone().unwrap();
     let mut c = Client::connect_unix(&sc.socket)
@@ -270,17 +270,28 @@ async fn get_streams_that_are_never_read_are_capped_and_time_out() {
         tokens: t.clone(),
         ..Default::default()
     });
-    // A receive window of 1 KiB that is never released: the client reads nothing.
-    let mut send = h2_conn(&addr, 1024).await;
+    // Receive windows of 1 KiB that are never released: the client reads nothing. Three
+    // streams on one connection, one on another (which will read again later).
+    let open = |send: h2::client::SendRequest<Bytes>| {
+        let (addr, msg) = (addr.clone(), msg.clone());
+        async move {
+            let mut send = send.ready().await.unwrap();
+            let (resp, mut body) = send
+                .send_request(grpc_request(&addr, "Get", Some(ALICE)), false)
+                .unwrap();
+            body.send_data(msg, true).unwrap();
+            (send, resp)
+        }
+    };
     let mut held = Vec::new();
-    for _ in 0..4 {
-        send = send.ready().await.unwrap();
-        let (resp, mut body) = send
-            .send_request(grpc_request(&addr, "Get", Some(ALICE)), false)
-            .unwrap();
-        body.send_data(msg.clone(), true).unwrap();
-        held.push(resp);
+    let mut send = h2_conn(&addr, 1024).await;
+    for _ in 0..3 {
+        let (s, r) = open(send).await;
+        send = s;
+        held.push(r);
     }
+    let (reader_conn, reader) = open(h2_conn(&addr, 1024).await).await;
+    let started = Instant::now();
     let mut admin = Client::connect_unix(&sc.socket)
         .await
         .unwrap()
@@ -300,11 +311,10 @@ async fn get_streams_that_are_never_read_are_capped_and_time_out() {
     assert!(e.to_string().contains("quota.get_streams"), "{e}");
     // Another tenant is not affected.
     legit_round_trip(&sc, 3).await;
-    // After the stall timeout a stream whose client reads again ends with
-    // DEADLINE_EXCEEDED after the blocks that were already queued.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let first = held.remove(0);
-    let resp = first.await.unwrap();
+    // Between the stall timeout (3 s) and twice it, the client that reads again gets the
+    // blocks already queued, then DEADLINE_EXCEEDED.
+    tokio::time::sleep(Duration::from_millis(4500).saturating_sub(started.elapsed())).await;
+    let resp = reader.await.unwrap();
     let mut body = resp.into_body();
     let mut got = 0;
     while let Some(d) = body.data().await {
@@ -319,9 +329,9 @@ async fn get_streams_that_are_never_read_are_capped_and_time_out() {
         "{trailers:?} after {got} bytes"
     );
     assert!(got < 64 * BLOCK, "the whole prompt was sent: {got} bytes");
-    // The client goes away: everything the streams held is given back.
-    drop(held);
-    drop(send);
+    drop(reader_conn);
+    // The client that still reads nothing has its connection closed by the sidecar,
+    // which gives back everything its streams held.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let s = admin.stats().await.unwrap();
@@ -331,9 +341,14 @@ async fn get_streams_that_are_never_read_are_capped_and_time_out() {
         assert!(Instant::now() < deadline, "Get streams still held: {s:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(
+        send.ready().await.is_err(),
+        "the stalled client's connection is still open"
+    );
     let mine = a2.stats().await.unwrap();
     assert_eq!((mine.get_streams, mine.tiers[0].pinned_bytes), (0, 0));
     assert_eq!(a2.get(&ns, &t).await.unwrap().len(), 64);
+    drop(held);
 }
 
 /// One gRPC message frame: the 5-byte prefix and `m` encoded.
