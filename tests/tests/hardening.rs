@@ -930,50 +930,34 @@ async fn tenants_see_only_their_own_figures() {
 #[test]
 fn tenants_with_equal_salts_are_refused() {
     let dir = TempDir::new("hard-f9");
-    let p = dir.0.join("sidecar.toml");
-    std::fs::write(
-        &p,
-        format!(
-            "metrics = \"\"\n[[tenants]]\nname = \"alice\"\ntokens = [\"{ALICE}\"]\nsalt = \"shared\"\n\
-             [[tenants]]\nname = \"bob\"\ntokens = [\"{BOB}\"]\nsalt = \"shared\"\n\
-             [[tenants]]\nname = \"carol\"\ntokens = [\"carol-token-0123456789\"]\nsalt = \"bob\"\n"
-        ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(strata_tests::sidecar::built_binary(
-        "strata-sidecar-under-test",
-    ))
-    .args(["--config", p.to_str().unwrap(), "--socket"])
-    .arg(dir.0.join("s.sock"))
-    .output()
-    .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    // Starts the sidecar on `config`; it must refuse to start, bind nothing, and say why.
+    let refused = |config: String| -> String {
+        let p = dir.0.join("sidecar.toml");
+        std::fs::write(&p, config).unwrap();
+        let out = std::process::Command::new(strata_tests::sidecar::built_binary(
+            "strata-sidecar-under-test",
+        ))
+        .args(["--config", p.to_str().unwrap(), "--socket"])
+        .arg(dir.0.join("s.sock"))
+        .output()
+        .unwrap();
+        assert!(!out.status.success());
+        assert!(!dir.0.join("s.sock").exists(), "nothing may be bound");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused(format!(
+        "metrics = \"\"\n[[tenants]]\nname = \"alice\"\ntokens = [\"{ALICE}\"]\nsalt = \"shared\"\n\
+         [[tenants]]\nname = \"bob\"\ntokens = [\"{BOB}\"]\nsalt = \"shared\"\n\
+         [[tenants]]\nname = \"carol\"\ntokens = [\"carol-token-0123456789\"]\nsalt = \"bob\"\n"
+    ));
     assert!(
         err.contains("tenants alice and bob have the same cache salt"),
         "{err}"
     );
-    assert!(!dir.0.join("s.sock").exists(), "nothing may be bound");
     // A salt equal to another tenant's default salt (its name) is refused as well.
-    std::fs::write(
-        &p,
-        format!(
-            "metrics = \"\"\n[[tenants]]\nname = \"bob\"\ntokens = [\"{BOB}\"]\n\
-             [[tenants]]\nname = \"carol\"\ntokens = [\"carol-token-0123456789\"]\nsalt = \"bob\"\n"
-        ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(strata_tests::sidecar::built_binary(
-        "strata-sidecar-under-test",
-    ))
-    .args(["--config", p.to_str().unwrap(), "--socket"])
-    .arg(dir.0.join("s.sock"))
-    .output()
-    .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("tenants bob and carol have the same"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let err = refused(format!(
+        "metrics = \"\"\n[[tenants]]\nname = \"bob\"\ntokens = [\"{BOB}\"]\n\
+         [[tenants]]\nname = \"carol\"\ntokens = [\"carol-token-0123456789\"]\nsalt = \"bob\"\n"
+    ));
+    assert!(err.contains("tenants bob and carol have the same"), "{err}");
 }
