@@ -281,14 +281,19 @@ pub fn render(shared: &Shared) -> String {
             |t, _| t.usage.inflight.load(Ordering::Relaxed) as u64,
         ),
         (
-            "strata_tenant_lookups",
-            "Lookups the tenant made (a counter).",
+            "strata_tenant_lookups_total",
+            "Lookups the tenant made.",
             |t, _| t.usage.lookups.load(Ordering::Relaxed),
         ),
     ];
     let _ = bb;
     for (name, help, f) in tenant_fields {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for t in shared.auth.tenants() {
             let _ = writeln!(o, "{name}{{tenant=\"{}\"}} {}", t.name, f(t, shared));
         }
