@@ -52,10 +52,7 @@ fn blocks(n: usize, seed: u8) -> Vec<Bytes> {
 /// seconds, or panics.
 async fn legit_round_trip(sc: &Sidecar, seed: u32) {
     let work = async {
-        let mut c = Client::connect_unix(&sc.socket)
-            .await
-            .unwrap()
-            .with_token(BOB);
+        let mut c = client(sc, BOB).await;
         let ns = c.open_namespace(&spec(9)).await.unwrap().namespace;
         let t = tokens(2, seed);
         c.put(&ns, &t, blocks(2, seed as u8)).await.unwrap();
@@ -66,6 +63,14 @@ async fn legit_round_trip(sc: &Sidecar, seed: u32) {
     tokio::time::timeout(Duration::from_secs(20), work)
         .await
         .expect("a legitimate client on the Unix socket was not served within 20 s");
+}
+
+/// A client of `token`'s tenant on the sidecar's Unix socket.
+async fn client(sc: &Sidecar, token: &str) -> Client {
+    Client::connect_unix(&sc.socket)
+        .await
+        .unwrap()
+        .with_token(token)
 }
 
 /// A raw HTTP/2 connection to the TCP listener.
@@ -258,10 +263,7 @@ async fn get_streams_that_are_never_read_are_capped_and_time_out() {
     let cfg = config(&dir, r#"stall_timeout = "3s""#, "get_streams = 4");
     let sc = Sidecar::start(&dir.0, &["--config", &cfg, "--tcp", "127.0.0.1:0"]);
     let addr = sc.tcp.clone().unwrap();
-    let mut c = Client::connect_unix(&sc.socket)
-        .await
-        .unwrap()
-        .with_token(ALICE);
+    let mut c = client(&sc, ALICE).await;
     let ns = c.open_namespace(&spec(1)).await.unwrap().namespace;
     let t = tokens(64, 1);
     c.put(&ns, &t, blocks(64, 1)).await.unwrap();
@@ -292,20 +294,14 @@ async fn get_streams_that_are_never_read_are_capped_and_time_out() {
     }
     let (reader_conn, reader) = open(h2_conn(&addr, 1024).await).await;
     let started = Instant::now();
-    let mut admin = Client::connect_unix(&sc.socket)
-        .await
-        .unwrap()
-        .with_token(ADMIN);
+    let mut admin = client(&sc, ADMIN).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while admin.stats().await.unwrap().get_streams < 4 {
         assert!(Instant::now() < deadline, "the 4 streams never opened");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A fifth stream is over the tenant's quota.
-    let mut a2 = Client::connect_unix(&sc.socket)
-        .await
-        .unwrap()
-        .with_token(ALICE);
+    let mut a2 = client(&sc, ALICE).await;
     let e = a2.get(&ns, &t).await.unwrap_err();
     assert_eq!(e.code(), Some(Code::ResourceExhausted), "{e}");
     assert!(e.to_string().contains("quota.get_streams"), "{e}");
@@ -496,10 +492,7 @@ async fn a_tcp_connection_flood_leaves_the_local_sockets_reachable() {
         flood.len()
     );
     legit_round_trip(&sc, 7).await;
-    let c = Client::connect_unix(&sc.socket)
-        .await
-        .unwrap()
-        .with_token(ALICE);
+    let c = client(&sc, ALICE).await;
     let shm = c
         .open_shm(&sc.shm)
         .expect("a shared-memory session during the flood");
@@ -552,10 +545,7 @@ async fn decoding_inflation_and_huge_error_messages_are_refused() {
     let cfg = config(&dir, "", "");
     let sc = Sidecar::start(&dir.0, &["--config", &cfg]);
     let base = sc.rss();
-    let mut c = Client::connect_unix(&sc.socket)
-        .await
-        .unwrap()
-        .with_token(ALICE);
+    let mut c = client(&sc, ALICE).await;
     let ns = c.open_namespace(&spec(1)).await.unwrap().namespace;
     let ns_field = {
         let mut f = vec![0x0a, ns.len() as u8];
@@ -676,14 +666,8 @@ async fn tenants_are_held_to_their_quotas() {
     let quota = format!("leased_bytes = {}\nhost_bytes = {}", 8 * BLOCK, 16 * BLOCK);
     let cfg = config(&dir, "", &quota);
     let sc = Sidecar::start(&dir.0, &["--config", &cfg]);
-    let mut alice = Client::connect_unix(&sc.socket)
-        .await
-        .unwrap()
-        .with_token(ALICE);
-    let mut bob = Client::connect_unix(&sc.socket)
-        .await
-        .unwrap()
-        .with_token(BOB);
+    let mut alice = client(&sc, ALICE).await;
+    let mut bob = client(&sc, BOB).await;
     let ans = alice.open_namespace(&spec(1)).await.unwrap().namespace;
     let bns = bob.open_namespace(&spec(1)).await.unwrap().namespace;
     let bt = tokens(100, 50);
@@ -751,10 +735,7 @@ async fn tenants_are_held_to_their_quotas() {
     );
     // Usage returns to zero when her connection (which holds the prefetch lease) closes.
     drop(alice);
-    let mut admin = Client::connect_unix(&sc.socket)
-        .await
-        .unwrap()
-        .with_token(ADMIN);
+    let mut admin = client(&sc, ADMIN).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let s = admin.stats().await.unwrap();
@@ -764,10 +745,7 @@ async fn tenants_are_held_to_their_quotas() {
         assert!(Instant::now() < deadline, "leases left: {s:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut alice = Client::connect_unix(&sc.socket)
-        .await
-        .unwrap()
-        .with_token(ALICE);
+    let mut alice = client(&sc, ALICE).await;
     let s = alice.stats().await.unwrap();
     assert_eq!((s.leases, s.tiers[0].pinned_bytes), (0, 0), "{s:?}");
     let body = http_get(sc.metrics.as_ref().unwrap(), Some(METRICS));
@@ -784,10 +762,7 @@ async fn staging_slots_of_cached_pages_are_not_read_and_sessions_are_capped() {
     let dir = TempDir::new("hard-f6");
     let cfg = config(&dir, "shm_staging_slots = 2048", "");
     let sc = Sidecar::start(&dir.0, &["--config", &cfg, "--host-capacity", "64MiB"]);
-    let mut c = Client::connect_unix(&sc.socket)
-        .await
-        .unwrap()
-        .with_token(ALICE);
+    let mut c = client(&sc, ALICE).await;
     let ns = c.open_namespace(&spec(1)).await.unwrap().namespace;
     let pages = 2048;
     let t = tokens(pages, 1);
@@ -881,14 +856,8 @@ async fn tenants_see_only_their_own_figures() {
     let dir = TempDir::new("hard-f8");
     let cfg = config(&dir, "", "");
     let sc = Sidecar::start(&dir.0, &["--config", &cfg]);
-    let mut alice = Client::connect_unix(&sc.socket)
-        .await
-        .unwrap()
-        .with_token(ALICE);
-    let mut bob = Client::connect_unix(&sc.socket)
-        .await
-        .unwrap()
-        .with_token(BOB);
+    let mut alice = client(&sc, ALICE).await;
+    let mut bob = client(&sc, BOB).await;
     let ans = alice.open_namespace(&spec(1)).await.unwrap().namespace;
     let bns = bob.open_namespace(&spec(1)).await.unwrap().namespace;
     alice.put(&ans, &tokens(2, 1), blocks(2, 1)).await.unwrap();
@@ -902,10 +871,7 @@ async fn tenants_see_only_their_own_figures() {
     assert_eq!(a.tiers[0].resident_bytes, 2 * BLOCK as u64);
     let b = bob.stats().await.unwrap();
     assert_eq!((b.pages, b.lookups), (5, 1));
-    let mut admin = Client::connect_unix(&sc.socket)
-        .await
-        .unwrap()
-        .with_token(ADMIN);
+    let mut admin = client(&sc, ADMIN).await;
     let g = admin.stats().await.unwrap();
     assert_eq!((g.scope.as_str(), g.pages), ("global", 7));
     // An admin token is good for Stats only.
