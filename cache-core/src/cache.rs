@@ -1990,6 +1990,17 @@ impl PinGuard {
     pub fn is_empty(&self) -> bool {
         self.pages.is_empty()
     }
+
+    /// The handles in tier `t` of the leading pinned pages that tier holds, stopping at the
+    /// first page it does not. For a tier that lends its blocks in place (the engine's KV
+    /// pool is tier 0): the pin keeps these handles valid until the guard is dropped.
+    pub fn handles(&self, t: TierId) -> Vec<BlockHandle> {
+        let st = self.cache.inner.state.read();
+        self.pages
+            .iter()
+            .map_while(|&p| st.index.handle(p, t))
+            .collect()
+    }
 }
 
 impl Drop for PinGuard {

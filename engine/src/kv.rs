@@ -14,8 +14,11 @@
 use std::fmt;
 use std::str::FromStr;
 
+use std::sync::Mutex;
+
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use memmap2::MmapMut;
 
 use crate::EngineError;
 use crate::model::ModelConfig;
@@ -71,10 +74,48 @@ impl FromStr for KvDtype {
     }
 }
 
-/// The pages themselves, in the pool's dtype.
-enum Pages {
-    F16(Vec<Box<[f16]>>),
-    F32(Vec<Box<[f32]>>),
+/// Holders and state of the pool's pages.
+struct Alloc {
+    /// Holders of each page: the sequences that own or share it, plus the cache when its
+    /// tier 0 indexes the page ([`crate::device::PoolTier`]).
+    refs: Vec<u32>,
+    /// A sealed page is full and shared: nothing writes it again until it is free.
+    sealed: Vec<bool>,
+    /// Pages handed out before and returned.
+    free: Vec<u32>,
+    /// Pages `fresh..max_pages` have never been handed out (their memory is not touched yet).
+    fresh: usize,
+}
+
+impl Alloc {
+    fn available(&self, max_pages: usize) -> usize {
+        self.free.len() + (max_pages - self.fresh)
+    }
+
+    /// A private page with one holder, or `None` when every page is held.
+    fn take(&mut self, max_pages: usize) -> Option<u32> {
+        let p = match self.free.pop() {
+            Some(p) => p,
+            None if self.fresh < max_pages => {
+                self.fresh += 1;
+                (self.fresh - 1) as u32
+            }
+            None => return None,
+        };
+        self.refs[p as usize] = 1;
+        self.sealed[p as usize] = false;
+        Some(p)
+    }
+
+    fn unref(&mut self, p: u32) {
+        let r = &mut self.refs[p as usize];
+        debug_assert!(*r > 0, "page {p} released more often than held");
+        *r = r.saturating_sub(1);
+        if *r == 0 {
+            self.sealed[p as usize] = false;
+            self.free.push(p);
+        }
+    }
 }
 
 /// One layer's slice of each page of a sequence, in position order, for attention.
@@ -83,7 +124,8 @@ pub(crate) enum LayerPages<'a> {
     F32(Vec<&'a [f32]>),
 }
 
-/// A sequence's KV: its pages, in position order, and how many positions are filled.
+/// A sequence's KV: its pages, in position order, and how many positions are filled. It
+/// holds one reference on each page; [`KvPool::release`] gives them back.
 #[derive(Debug, Default)]
 pub struct Sequence {
     pages: Vec<u32>,
@@ -112,7 +154,15 @@ impl Sequence {
     }
 }
 
-/// Fixed-size pages of KV, allocated on first use up to a limit.
+/// Fixed-size pages of KV in one anonymous mapping (the kernel commits a page's memory when
+/// it is first written), with a reference count per page.
+///
+/// A page is *private* while one sequence holds it and it is not sealed: only that
+/// sequence's forward pass writes it. A full page becomes *sealed* when it is shared (with
+/// another sequence through [`KvPool::attach`], or with the cache's tier 0): from then on it
+/// is only read, until its last holder lets go and it returns to the free list. That
+/// discipline is what lets every method take `&self` and lets readers on other threads (the
+/// cache copying a block down) read pages while the scheduler writes others.
 pub struct KvPool {
     dtype: KvDtype,
     page_size: usize,
@@ -120,13 +170,25 @@ pub struct KvPool {
     n_kv_heads: usize,
     head_dim: usize,
     max_pages: usize,
-    pages: Pages,
-    free: Vec<u32>,
+    block_bytes: usize,
+    base: *mut u8,
+    _mem: MmapMut,
+    alloc: Mutex<Alloc>,
 }
+
+// SAFETY: `base` points into `_mem`, which lives as long as the pool and never moves. Page
+// memory is only written through `write_kv` (the private pages of a sequence the caller
+// holds by `&mut` through `Model::forward_batch`) and `import`/`copy_in` (a page just taken
+// from the free list that nobody else can name yet); every other access reads pages that are
+// sealed or private to the reading caller. The reference counts are behind a mutex.
+unsafe impl Send for KvPool {}
+// SAFETY: as for `Send`: shared access only reads sealed pages or the caller's own pages.
+unsafe impl Sync for KvPool {}
 
 impl KvPool {
     /// A pool for `config`'s KV shape holding K/V as `dtype`, `page_size` tokens per page, at
-    /// most `max_pages` pages.
+    /// most `max_pages` pages. The address space is reserved at once; memory is committed
+    /// as pages are first used.
     pub fn new(
         config: &ModelConfig,
         dtype: KvDtype,
@@ -138,6 +200,20 @@ impl KvPool {
                 "page size {page_size} is outside 16..=256 tokens"
             )));
         }
+        if max_pages == 0 || max_pages > u32::MAX as usize {
+            return Err(EngineError::BadRequest(format!(
+                "KV pool of {max_pages} pages (need 1..=2^32-1)"
+            )));
+        }
+        let block_bytes =
+            config.n_layers * 2 * page_size * config.n_kv_heads * config.head_dim * dtype.size();
+        let bytes = block_bytes
+            .checked_mul(max_pages)
+            .ok_or_else(|| EngineError::BadRequest("KV pool size overflows".into()))?;
+        let mut mem = MmapMut::map_anon(bytes.max(1)).map_err(|e| {
+            EngineError::Io(format!("reserving {bytes} bytes for the KV pool: {e}"))
+        })?;
+        let base = mem.as_mut_ptr();
         Ok(KvPool {
             dtype,
             page_size,
@@ -145,11 +221,15 @@ impl KvPool {
             n_kv_heads: config.n_kv_heads,
             head_dim: config.head_dim,
             max_pages,
-            pages: match dtype {
-                KvDtype::F16 => Pages::F16(Vec::new()),
-                KvDtype::F32 => Pages::F32(Vec::new()),
-            },
-            free: Vec::new(),
+            block_bytes,
+            base,
+            _mem: mem,
+            alloc: Mutex::new(Alloc {
+                refs: vec![0; max_pages],
+                sealed: vec![false; max_pages],
+                free: Vec::new(),
+                fresh: 0,
+            }),
         })
     }
 
@@ -170,20 +250,33 @@ impl KvPool {
 
     /// Bytes of one page: cache-core's block size for this namespace.
     pub fn block_bytes(&self) -> usize {
-        self.n_layers * self.layer_elems() * self.dtype.size()
+        self.block_bytes
     }
 
-    /// Pages allocated so far (in use or free).
-    fn allocated(&self) -> usize {
-        match &self.pages {
-            Pages::F16(p) => p.len(),
-            Pages::F32(p) => p.len(),
-        }
+    /// Most pages the pool holds.
+    pub fn capacity(&self) -> usize {
+        self.max_pages
     }
 
-    /// Pages in use.
+    /// Pages held by a sequence or the cache.
     pub fn used_pages(&self) -> usize {
-        self.allocated() - self.free.len()
+        self.max_pages - self.free_pages()
+    }
+
+    /// Pages nobody holds.
+    pub fn free_pages(&self) -> usize {
+        self.lock().available(self.max_pages)
+    }
+
+    /// How many holders page `p` has (0 when free).
+    pub fn refs(&self, p: u32) -> u32 {
+        self.lock().refs.get(p as usize).copied().unwrap_or(0)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Alloc> {
+        // The counts are updated in place by code that cannot panic half-way, so a poisoned
+        // lock still holds consistent counts.
+        self.alloc.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn check_shape(&self, c: &ModelConfig) -> Result<(), EngineError> {
@@ -196,50 +289,185 @@ impl KvPool {
         Ok(())
     }
 
-    fn alloc(&mut self) -> Result<u32, EngineError> {
-        if let Some(p) = self.free.pop() {
-            return Ok(p);
-        }
-        let n = self.allocated();
-        if n >= self.max_pages {
-            return Err(EngineError::OutOfPages {
-                pages: self.max_pages,
-            });
-        }
-        let elems = self.n_layers * self.layer_elems();
-        match &mut self.pages {
-            Pages::F16(p) => p.push(vec![f16::ZERO; elems].into_boxed_slice()),
-            Pages::F32(p) => p.push(vec![0f32; elems].into_boxed_slice()),
-        }
-        Ok(n as u32)
-    }
-
-    /// Makes sure `seq` has pages for `positions` positions.
-    pub fn reserve(&mut self, seq: &mut Sequence, positions: usize) -> Result<(), EngineError> {
-        let need = positions.div_ceil(self.page_size);
-        let missing = need.saturating_sub(seq.pages.len());
-        if missing > self.free.len() + (self.max_pages - self.allocated()) {
-            return Err(EngineError::OutOfPages {
-                pages: self.max_pages,
-            });
-        }
-        while seq.pages.len() < need {
-            let p = self.alloc()?;
-            seq.pages.push(p);
+    /// Checks that the pages of `seq` from position `seq.len()` on are private, so the next
+    /// forward pass may write them.
+    fn check_writable(&self, a: &Alloc, seq: &Sequence) -> Result<(), EngineError> {
+        for &p in &seq.pages[(seq.len / self.page_size).min(seq.pages.len())..] {
+            if a.refs[p as usize] != 1 || a.sealed[p as usize] {
+                return Err(EngineError::Internal(format!(
+                    "page {p} would be written while shared"
+                )));
+            }
         }
         Ok(())
     }
 
-    /// Returns every page of `seq` to the pool and empties it.
-    pub fn release(&mut self, seq: &mut Sequence) {
-        self.free.append(&mut seq.pages);
+    /// Makes sure `seq` has pages for `positions` positions.
+    pub fn reserve(&self, seq: &mut Sequence, positions: usize) -> Result<(), EngineError> {
+        self.reserve_many(&mut [(seq, positions)])
+    }
+
+    /// Makes sure each sequence has pages for its number of positions, all or nothing: when
+    /// the pool cannot hold them all, no sequence gains a page.
+    pub fn reserve_many(&self, wants: &mut [(&mut Sequence, usize)]) -> Result<(), EngineError> {
+        let mut a = self.lock();
+        let mut missing = 0;
+        for (seq, positions) in wants.iter() {
+            self.check_writable(&a, seq)?;
+            missing += positions
+                .div_ceil(self.page_size)
+                .saturating_sub(seq.pages.len());
+        }
+        if missing > a.available(self.max_pages) {
+            return Err(EngineError::OutOfPages {
+                pages: self.max_pages,
+            });
+        }
+        for (seq, positions) in wants.iter_mut() {
+            while seq.pages.len() < positions.div_ceil(self.page_size) {
+                let p = a.take(self.max_pages).expect("counted above");
+                seq.pages.push(p);
+            }
+        }
+        Ok(())
+    }
+
+    /// Pages a sequence of `positions` positions would still need beyond what `seq` holds.
+    pub fn missing(&self, seq: &Sequence, positions: usize) -> usize {
+        positions
+            .div_ceil(self.page_size)
+            .saturating_sub(seq.pages.len())
+    }
+
+    /// Lets go of every page of `seq` (a page returns to the pool when its last holder lets
+    /// go) and empties it.
+    pub fn release(&self, seq: &mut Sequence) {
+        let mut a = self.lock();
+        for p in seq.pages.drain(..) {
+            a.unref(p);
+        }
         seq.len = 0;
     }
 
+    /// Appends page `p`, a sealed page someone else holds (a cached prefix page), to `seq`,
+    /// which must end on a page boundary, sharing it: no bytes move.
+    pub fn attach(&self, seq: &mut Sequence, p: u32) -> Result<(), EngineError> {
+        if !seq.len.is_multiple_of(self.page_size) || seq.pages.len() != seq.len / self.page_size {
+            return Err(EngineError::BadRequest(
+                "a page can only be attached at a page boundary".into(),
+            ));
+        }
+        let mut a = self.lock();
+        let i = p as usize;
+        if i >= self.max_pages || a.refs[i] == 0 || !a.sealed[i] {
+            return Err(EngineError::BadRequest(format!(
+                "page {p} is not a shared page of this pool"
+            )));
+        }
+        a.refs[i] += 1;
+        seq.pages.push(p);
+        seq.len += self.page_size;
+        Ok(())
+    }
+
+    /// Takes one more reference on page `p` and seals it (the cache's tier 0 adopting it).
+    pub(crate) fn share(&self, p: u32) -> bool {
+        let mut a = self.lock();
+        let i = p as usize;
+        if i >= self.max_pages || a.refs[i] == 0 {
+            return false;
+        }
+        a.refs[i] += 1;
+        a.sealed[i] = true;
+        true
+    }
+
+    /// Lets go of one reference on page `p`.
+    pub(crate) fn unref(&self, p: u32) {
+        if (p as usize) < self.max_pages {
+            self.lock().unref(p);
+        }
+    }
+
+    /// The page that `block` is, when it is exactly one page of this pool's memory.
+    pub(crate) fn page_of(&self, block: &[u8]) -> Option<u32> {
+        let off = (block.as_ptr() as usize).checked_sub(self.base as usize)?;
+        (block.len() == self.block_bytes
+            && off.is_multiple_of(self.block_bytes)
+            && off / self.block_bytes < self.max_pages)
+            .then_some((off / self.block_bytes) as u32)
+    }
+
+    /// Copies `block` into a new sealed page with one holder (the caller).
+    pub(crate) fn copy_in(&self, block: &[u8]) -> Result<u32, EngineError> {
+        if block.len() != self.block_bytes {
+            return Err(EngineError::BadRequest(format!(
+                "block of {} bytes, this model's {} pages are {}",
+                block.len(),
+                self.dtype,
+                self.block_bytes
+            )));
+        }
+        let p = self.lock().take(self.max_pages).ok_or(EngineError::OutOfPages {
+            pages: self.max_pages,
+        })?;
+        // SAFETY: `p` was just taken from the free list with one holder (us): no other
+        // reference to its memory exists, and it lies inside the mapping.
+        unsafe { self.page_mut(p) }.copy_from_slice(block);
+        self.lock().sealed[p as usize] = true;
+        Ok(p)
+    }
+
+    /// The bytes of page `p`.
+    ///
+    /// # Safety
+    /// `p < max_pages`, and nobody writes the page while the slice lives.
+    unsafe fn page(&self, p: u32) -> &[u8] {
+        // SAFETY: the caller's contract; the range lies inside the mapping.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.base.add(p as usize * self.block_bytes),
+                self.block_bytes,
+            )
+        }
+    }
+
+    /// The bytes of page `p`, to write.
+    ///
+    /// # Safety
+    /// `p < max_pages`, and the page is private to the caller: no other slice of it lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn page_mut(&self, p: u32) -> &mut [u8] {
+        // SAFETY: the caller's contract; the range lies inside the mapping.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.base.add(p as usize * self.block_bytes),
+                self.block_bytes,
+            )
+        }
+    }
+
+    /// A copy of sealed page `p` (a tier read of a block the cache holds).
+    pub(crate) fn read_sealed(&self, p: u32, out: &mut [u8]) -> bool {
+        {
+            let a = self.lock();
+            let i = p as usize;
+            if i >= self.max_pages || a.refs[i] == 0 || !a.sealed[i] || out.len() != self.block_bytes
+            {
+                return false;
+            }
+        }
+        // SAFETY: the page is sealed and the cache still holds it (it frees a handle only
+        // after its reads complete), so nobody writes it.
+        out.copy_from_slice(unsafe { self.page(p) });
+        true
+    }
+
     /// Writes the K and V rows (`n × n_kv_heads × head_dim` each) of positions
-    /// `start..start + n` of layer `layer`, rounded to the pool's dtype.
+    /// `start..start + n` of layer `layer`, rounded to the pool's dtype. Only for
+    /// [`crate::Model::forward_batch`], on positions its reservation checked are private.
     pub(crate) fn write_kv(
-        &mut self,
+        &self,
         seq: &Sequence,
         layer: usize,
         start: usize,
@@ -251,59 +479,48 @@ impl KvPool {
         let v_off = self.page_size * row;
         for (i, (kr, vr)) in k.chunks_exact(row).zip(v.chunks_exact(row)).enumerate() {
             let t = start + i;
-            let p = seq.pages[t / self.page_size] as usize;
+            let p = seq.pages[t / self.page_size];
             let o = layer * lf + (t % self.page_size) * row;
-            match &mut self.pages {
-                Pages::F16(pages) => {
-                    pages[p][o..o + row].convert_from_f32_slice(kr);
-                    pages[p][o + v_off..o + v_off + row].convert_from_f32_slice(vr);
+            // SAFETY: positions from `seq.len()` on lie in pages that `reserve_many` checked
+            // are private to `seq`, which the forward pass holds by `&mut`; no slice of the
+            // page is alive (attention slices are taken after the writes and dropped).
+            let bytes = unsafe { self.page_mut(p) };
+            match self.dtype {
+                KvDtype::F16 => {
+                    let page: &mut [f16] = bytemuck::cast_slice_mut(bytes);
+                    page[o..o + row].convert_from_f32_slice(kr);
+                    page[o + v_off..o + v_off + row].convert_from_f32_slice(vr);
                 }
-                Pages::F32(pages) => {
-                    pages[p][o..o + row].copy_from_slice(kr);
-                    pages[p][o + v_off..o + v_off + row].copy_from_slice(vr);
+                KvDtype::F32 => {
+                    let page: &mut [f32] = bytemuck::cast_slice_mut(bytes);
+                    page[o..o + row].copy_from_slice(kr);
+                    page[o + v_off..o + v_off + row].copy_from_slice(vr);
                 }
             }
         }
     }
 
     /// Each page's slice of layer `layer`, in position order.
-    pub(crate) fn layer_pages(&self, seq: &Sequence, layer: usize) -> LayerPages<'_> {
+    pub(crate) fn layer_pages<'a>(&'a self, seq: &'a Sequence, layer: usize) -> LayerPages<'a> {
         let r = layer * self.layer_elems()..(layer + 1) * self.layer_elems();
-        match &self.pages {
-            Pages::F16(pages) => LayerPages::F16(
-                seq.pages
-                    .iter()
-                    .map(|p| &pages[*p as usize][r.clone()])
+        // SAFETY: the pages of `seq` are sealed (never written) or private to `seq`, which
+        // the caller borrows for the slices' lifetime, so they are not written meanwhile.
+        let bytes = seq.pages.iter().map(|p| unsafe { self.page(*p) });
+        match self.dtype {
+            KvDtype::F16 => {
+                LayerPages::F16(bytes.map(|b| &cast::<f16>(b)[r.clone()]).collect())
+            }
+            KvDtype::F32 => LayerPages::F32(
+                bytes
+                    .map(|b| &bytemuck::cast_slice::<u8, f32>(b)[r.clone()])
                     .collect(),
             ),
-            Pages::F32(pages) => LayerPages::F32(
-                seq.pages
-                    .iter()
-                    .map(|p| &pages[*p as usize][r.clone()])
-                    .collect(),
-            ),
-        }
-    }
-
-    /// The bytes of page `p`.
-    fn page_bytes(&self, p: u32) -> &[u8] {
-        match &self.pages {
-            Pages::F16(pages) => bytemuck::cast_slice(pages[p as usize].reinterpret_cast()),
-            Pages::F32(pages) => bytemuck::cast_slice(&pages[p as usize]),
-        }
-    }
-
-    /// The bytes of page `p`, to overwrite.
-    fn page_bytes_mut(&mut self, p: u32) -> &mut [u8] {
-        match &mut self.pages {
-            Pages::F16(pages) => bytemuck::cast_slice_mut(pages[p as usize].reinterpret_cast_mut()),
-            Pages::F32(pages) => bytemuck::cast_slice_mut(&mut pages[p as usize]),
         }
     }
 
     /// The bytes of the `index`-th page of `seq`: a cache block. Only full pages can be
     /// exported (a partly filled page still holds an earlier user's KV past its end).
-    pub fn export(&self, seq: &Sequence, index: usize) -> Result<&[u8], EngineError> {
+    pub fn export<'a>(&'a self, seq: &'a Sequence, index: usize) -> Result<&'a [u8], EngineError> {
         if (index + 1) * self.page_size > seq.len {
             return Err(EngineError::BadRequest(format!(
                 "page {index} is not full ({} positions filled)",
@@ -314,29 +531,31 @@ impl KvPool {
             .pages
             .get(index)
             .ok_or_else(|| EngineError::BadRequest(format!("sequence has no page {index}")))?;
-        Ok(self.page_bytes(*p))
+        // SAFETY: a full page is never written again (writes go to positions past
+        // `seq.len()`), and `seq` is borrowed for the slice's lifetime so it cannot be
+        // released meanwhile.
+        Ok(unsafe { self.page(*p) })
     }
 
     /// Appends a full page whose bytes came from a tier to `seq` (which must end on a page
     /// boundary), so that the next forward pass continues after it.
-    pub fn import(&mut self, seq: &mut Sequence, block: &[u8]) -> Result<(), EngineError> {
-        if block.len() != self.block_bytes() {
-            return Err(EngineError::BadRequest(format!(
-                "block of {} bytes, this model's {} pages are {}",
-                block.len(),
-                self.dtype,
-                self.block_bytes()
-            )));
-        }
+    pub fn import(&self, seq: &mut Sequence, block: &[u8]) -> Result<(), EngineError> {
         if !seq.len.is_multiple_of(self.page_size) || seq.pages.len() != seq.len / self.page_size {
             return Err(EngineError::BadRequest(
                 "a page can only be imported at a page boundary".into(),
             ));
         }
-        let p = self.alloc()?;
-        self.page_bytes_mut(p).copy_from_slice(block);
+        let p = self.copy_in(block)?;
+        // A page only this sequence holds: not sealed, so it may be exported and shared.
+        self.lock().sealed[p as usize] = false;
         seq.pages.push(p);
         seq.len += self.page_size;
         Ok(())
     }
+}
+
+/// The bytes of a page as elements (pages start at multiples of the block size inside a
+/// page-aligned mapping, so they are aligned for any element type).
+fn cast<T: bytemuck::Pod>(b: &[u8]) -> &[T] {
+    bytemuck::cast_slice(b)
 }

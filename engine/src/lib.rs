@@ -14,22 +14,24 @@
 //! ```no_run
 //! use strata_engine::{Engine, KvDtype, KvPool, Sequence, sampler::Sampling};
 //! let engine = Engine::load(&strata_engine::fetch::default_model()?)?;
-//! let mut pool = KvPool::new(&engine.model.config, KvDtype::F16, 64, 256)?;
+//! let pool = KvPool::new(&engine.model.config, KvDtype::F16, 64, 256)?;
 //! let prompt = engine.encode_prompt("The capital of France is", false)?;
 //! let mut seq = Sequence::new();
-//! let out = engine.generate(&mut pool, &mut seq, &prompt, 16, Sampling::default(), 512, |_| Ok(()))?;
+//! let out = engine.generate(&pool, &mut seq, &prompt, 16, Sampling::default(), 512, |_| Ok(()))?;
 //! println!("{}", engine.decode(&out.tokens)?);
 //! # Ok::<(), strata_engine::EngineError>(())
 //! ```
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod chat;
+pub mod device;
 pub mod fetch;
 pub mod gguf;
 pub mod kv;
 pub mod model;
 pub mod safetensors;
 pub mod sampler;
+pub mod serve;
 pub mod tokenizer;
 
 use std::path::Path;
@@ -227,7 +229,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     pub fn generate(
         &self,
-        pool: &mut KvPool,
+        pool: &KvPool,
         seq: &mut Sequence,
         prompt: &[u32],
         max_tokens: usize,
@@ -267,7 +269,7 @@ impl Engine {
     /// window is not scored. Also returns the number of tokens scored.
     pub fn perplexity(
         &self,
-        pool: &mut KvPool,
+        pool: &KvPool,
         ids: &[u32],
         chunk: usize,
     ) -> Result<(f64, usize), EngineError> {

@@ -637,7 +637,7 @@ impl Model {
     /// see [`Model::forward_batch`].
     pub fn forward(
         &self,
-        pool: &mut KvPool,
+        pool: &KvPool,
         seq: &mut Sequence,
         tokens: &[u32],
         want: Logits,
@@ -662,7 +662,7 @@ impl Model {
     /// pool too short for the whole batch fails the call and leaves every sequence as it was.
     pub fn forward_batch(
         &self,
-        pool: &mut KvPool,
+        pool: &KvPool,
         items: &mut [BatchItem<'_>],
     ) -> Result<Vec<Vec<f32>>, EngineError> {
         // Run the whole pass on a pool thread: the kernels' parallel loops then start from
@@ -701,34 +701,20 @@ impl Model {
 
     /// Gives every item pages for its new tokens, all or nothing: when the pool cannot hold
     /// the whole batch, no sequence gains a page.
-    fn reserve_batch(pool: &mut KvPool, items: &mut [BatchItem<'_>]) -> Result<(), EngineError> {
-        let ps = pool.page_size();
-        let missing: usize = items
-            .iter()
+    fn reserve_batch(pool: &KvPool, items: &mut [BatchItem<'_>]) -> Result<(), EngineError> {
+        let mut wants: Vec<(&mut Sequence, usize)> = items
+            .iter_mut()
             .map(|it| {
-                (it.seq.len() + it.tokens.len())
-                    .div_ceil(ps)
-                    .saturating_sub(it.seq.pages().len())
+                let end = it.seq.len() + it.tokens.len();
+                (&mut *it.seq, end)
             })
-            .sum();
-        if items.len() > 1 && missing > 0 {
-            // `KvPool::reserve` is all-or-nothing for one sequence: reserving the batch's
-            // total into a scratch sequence proves the pool can hold it (or fails with
-            // nothing changed); the pages go straight back to the free list for the items.
-            let mut scratch = Sequence::new();
-            pool.reserve(&mut scratch, missing * ps)?;
-            pool.release(&mut scratch);
-        }
-        for it in items.iter_mut() {
-            let end = it.seq.len() + it.tokens.len();
-            pool.reserve(it.seq, end)?;
-        }
-        Ok(())
+            .collect();
+        pool.reserve_many(&mut wants)
     }
 
     fn forward_batch_inner(
         &self,
-        pool: &mut KvPool,
+        pool: &KvPool,
         items: &mut [BatchItem<'_>],
     ) -> Result<Vec<Vec<f32>>, EngineError> {
         self.validate_batch(pool, items)?;
@@ -867,7 +853,7 @@ impl Model {
     /// Prefill in chunks of at most `chunk` tokens; returns the logits after the last token.
     pub fn prefill(
         &self,
-        pool: &mut KvPool,
+        pool: &KvPool,
         seq: &mut Sequence,
         tokens: &[u32],
         chunk: usize,

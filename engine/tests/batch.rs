@@ -27,15 +27,15 @@ fn passage() -> Vec<u32> {
 /// One sequence alone: prefill `prompt`, then `steps` greedy decode steps; every step's
 /// logits (prefill's first).
 fn alone(m: &Model, dtype: KvDtype, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
-    let mut pool = KvPool::new(&m.config, dtype, PAGE, 64).unwrap();
+    let pool = KvPool::new(&m.config, dtype, PAGE, 64).unwrap();
     let mut seq = Sequence::new();
     let mut out = vec![
-        m.forward(&mut pool, &mut seq, prompt, Logits::Last)
+        m.forward(&pool, &mut seq, prompt, Logits::Last)
             .unwrap(),
     ];
     for _ in 0..steps {
         let t = argmax(out.last().unwrap());
-        out.push(m.forward(&mut pool, &mut seq, &[t], Logits::Last).unwrap());
+        out.push(m.forward(&pool, &mut seq, &[t], Logits::Last).unwrap());
     }
     out
 }
@@ -43,7 +43,7 @@ fn alone(m: &Model, dtype: KvDtype, prompt: &[u32], steps: usize) -> Vec<Vec<f32
 /// Runs one batch of `(sequence, tokens)` wanting the last logits.
 fn batch(
     m: &Model,
-    pool: &mut KvPool,
+    pool: &KvPool,
     seqs: &mut [Sequence],
     tokens: &[Vec<u32>],
 ) -> Result<Vec<Vec<f32>>, EngineError> {
@@ -72,10 +72,10 @@ fn prefill_then_decode_in_batches_of_4_matches_alone(dtype: KvDtype) {
     let steps = 16;
     let want: Vec<Vec<Vec<f32>>> = prompts.iter().map(|p| alone(m, dtype, p, steps)).collect();
 
-    let mut pool = KvPool::new(&m.config, dtype, PAGE, 64).unwrap();
+    let pool = KvPool::new(&m.config, dtype, PAGE, 64).unwrap();
     let mut seqs: Vec<Sequence> = (0..4).map(|_| Sequence::new()).collect();
     // got[step][s]: batch logits of sequence s after step `step` (0: the prefill).
-    let mut got = vec![batch(m, &mut pool, &mut seqs, &prompts).unwrap()];
+    let mut got = vec![batch(m, &pool, &mut seqs, &prompts).unwrap()];
     for _ in 0..steps {
         let next: Vec<Vec<u32>> = got
             .last()
@@ -83,7 +83,7 @@ fn prefill_then_decode_in_batches_of_4_matches_alone(dtype: KvDtype) {
             .iter()
             .map(|l| vec![argmax(l)])
             .collect();
-        got.push(batch(m, &mut pool, &mut seqs, &next).unwrap());
+        got.push(batch(m, &pool, &mut seqs, &next).unwrap());
     }
     let mut worst = 0f32;
     for (s, alone) in want.iter().enumerate() {
@@ -127,22 +127,22 @@ fn mixed_prefill_chunk_and_decodes_match_alone() {
         vec![text[61]],
         vec![text[62]],
     ];
-    let mut pool = KvPool::new(&m.config, KvDtype::F16, PAGE, 64).unwrap();
+    let pool = KvPool::new(&m.config, KvDtype::F16, PAGE, 64).unwrap();
     let mut seqs: Vec<Sequence> = (0..4).map(|_| Sequence::new()).collect();
     let mut want = Vec::new();
     for (s, p) in prior.iter().enumerate() {
-        let mut pool1 = KvPool::new(&m.config, KvDtype::F16, PAGE, 64).unwrap();
+        let pool1 = KvPool::new(&m.config, KvDtype::F16, PAGE, 64).unwrap();
         let mut seq1 = Sequence::new();
-        m.forward(&mut pool1, &mut seq1, &text[..*p], Logits::Last)
+        m.forward(&pool1, &mut seq1, &text[..*p], Logits::Last)
             .unwrap();
         want.push(
-            m.forward(&mut pool1, &mut seq1, &new[s], Logits::Last)
+            m.forward(&pool1, &mut seq1, &new[s], Logits::Last)
                 .unwrap(),
         );
-        m.forward(&mut pool, &mut seqs[s], &text[..*p], Logits::Last)
+        m.forward(&pool, &mut seqs[s], &text[..*p], Logits::Last)
             .unwrap();
     }
-    let got = batch(m, &mut pool, &mut seqs, &new).unwrap();
+    let got = batch(m, &pool, &mut seqs, &new).unwrap();
     let mut worst = 0f32;
     for s in 0..4 {
         assert_eq!(argmax(&got[s]), argmax(&want[s]), "sequence {s}");
@@ -157,10 +157,10 @@ fn mixed_prefill_chunk_and_decodes_match_alone() {
 fn all_logits_of_a_batch_item_match_alone() {
     let m = &engine().model;
     let text = passage();
-    let mut pool = KvPool::new(&m.config, KvDtype::F32, PAGE, 64).unwrap();
+    let pool = KvPool::new(&m.config, KvDtype::F32, PAGE, 64).unwrap();
     let (mut a, mut b) = (Sequence::new(), Sequence::new());
     let want = m
-        .forward(&mut pool, &mut a, &text[..21], Logits::All)
+        .forward(&pool, &mut a, &text[..21], Logits::All)
         .unwrap();
     pool.release(&mut a);
     let mut items = [
@@ -175,7 +175,7 @@ fn all_logits_of_a_batch_item_match_alone() {
             logits: Logits::Last,
         },
     ];
-    let got = m.forward_batch(&mut pool, &mut items).unwrap();
+    let got = m.forward_batch(&pool, &mut items).unwrap();
     assert_eq!(got[0].len(), 21 * m.config.vocab);
     assert_eq!(got[1].len(), m.config.vocab);
     assert!(max_diff(&got[0], &want) <= 1e-4);
@@ -186,10 +186,10 @@ fn a_batch_the_pool_cannot_hold_changes_nothing() {
     let m = &engine().model;
     let text = passage();
     // 6 pages: three sequences of 17 tokens hold 2 pages each.
-    let mut pool = KvPool::new(&m.config, KvDtype::F16, PAGE, 6).unwrap();
+    let pool = KvPool::new(&m.config, KvDtype::F16, PAGE, 6).unwrap();
     let mut seqs: Vec<Sequence> = (0..3).map(|_| Sequence::new()).collect();
     for (s, seq) in seqs.iter_mut().enumerate() {
-        m.forward(&mut pool, seq, &text[s..s + 17], Logits::Last)
+        m.forward(&pool, seq, &text[s..s + 17], Logits::Last)
             .unwrap();
     }
     let before: Vec<(usize, Vec<u32>)> =
@@ -197,7 +197,7 @@ fn a_batch_the_pool_cannot_hold_changes_nothing() {
     let used = pool.used_pages();
     // The first two items fit in their pages; the third needs a new page the pool lacks.
     let new = vec![vec![text[40]], vec![text[41]], text[42..58].to_vec()];
-    match batch(m, &mut pool, &mut seqs, &new) {
+    match batch(m, &pool, &mut seqs, &new) {
         Err(EngineError::OutOfPages { pages: 6 }) => {}
         other => panic!("expected OutOfPages, got {:?}", other.map(|l| l.len())),
     }
@@ -217,7 +217,7 @@ fn a_batch_the_pool_cannot_hold_changes_nothing() {
         .collect();
     let used2 = pool.used_pages();
     assert!(matches!(
-        batch(m, &mut pool, &mut seqs2, &new2),
+        batch(m, &pool, &mut seqs2, &new2),
         Err(EngineError::OutOfPages { .. })
     ));
     let after2: Vec<(usize, Vec<u32>)> = seqs2
@@ -229,12 +229,12 @@ fn a_batch_the_pool_cannot_hold_changes_nothing() {
     // Invalid items are refused before anything runs.
     let bad = vec![vec![text[0]], vec![u32::MAX]];
     assert!(matches!(
-        batch(m, &mut pool, &mut seqs2, &bad),
+        batch(m, &pool, &mut seqs2, &bad),
         Err(EngineError::BadRequest(_))
     ));
     let empty = vec![vec![text[0]], vec![]];
     assert!(matches!(
-        batch(m, &mut pool, &mut seqs2, &empty),
+        batch(m, &pool, &mut seqs2, &empty),
         Err(EngineError::BadRequest(_))
     ));
     assert_eq!(
@@ -256,14 +256,14 @@ fn decode_throughput_8_vs_1() {
     let text = passage();
     let steps = 32;
     let run = |b: usize| -> f64 {
-        let mut pool = KvPool::new(&m.config, KvDtype::F16, PAGE, 256).unwrap();
+        let pool = KvPool::new(&m.config, KvDtype::F16, PAGE, 256).unwrap();
         let mut seqs: Vec<Sequence> = (0..b).map(|_| Sequence::new()).collect();
         let prompts: Vec<Vec<u32>> = (0..b).map(|i| text[i..i + 64].to_vec()).collect();
-        let mut logits = batch(m, &mut pool, &mut seqs, &prompts).unwrap();
+        let mut logits = batch(m, &pool, &mut seqs, &prompts).unwrap();
         let t0 = Instant::now();
         for _ in 0..steps {
             let next: Vec<Vec<u32>> = logits.iter().map(|l| vec![argmax(l)]).collect();
-            logits = batch(m, &mut pool, &mut seqs, &next).unwrap();
+            logits = batch(m, &pool, &mut seqs, &next).unwrap();
         }
         (b * steps) as f64 / t0.elapsed().as_secs_f64()
     };

@@ -19,11 +19,11 @@ fn teacher_forced(dtype: KvDtype) -> Comparison {
     let e = engine();
     let r = reference();
     let tokens = ids(&r["passage"]["tokens"]);
-    let mut pool = KvPool::new(&e.model.config, dtype, 64, 64).unwrap();
+    let pool = KvPool::new(&e.model.config, dtype, 64, 64).unwrap();
     let mut seq = Sequence::new();
     let logits = e
         .model
-        .forward(&mut pool, &mut seq, &tokens, Logits::All)
+        .forward(&pool, &mut seq, &tokens, Logits::All)
         .unwrap();
     let vocab = e.model.config.vocab;
     let positions = r["passage"]["positions"].as_array().unwrap();
@@ -108,8 +108,8 @@ fn perplexity_with_f16_kv_is_within_half_a_percent_of_f32_kv() {
     let text = std::fs::read_to_string(fixtures().join("passage.txt")).unwrap();
     let tokens = e.encode_prompt(&text, false).unwrap();
     let ppl = |dtype| {
-        let mut pool = KvPool::new(&e.model.config, dtype, 64, 64).unwrap();
-        e.perplexity(&mut pool, &tokens, 200).unwrap().0
+        let pool = KvPool::new(&e.model.config, dtype, 64, 64).unwrap();
+        e.perplexity(&pool, &tokens, 200).unwrap().0
     };
     let (p32, p16) = (ppl(KvDtype::F32), ppl(KvDtype::F16));
     println!(
@@ -135,11 +135,11 @@ fn full_logits_match_at_the_reference_positions() {
         .collect();
     let vocab = e.model.config.vocab;
     assert_eq!(want.len(), at.len() * vocab);
-    let mut pool = KvPool::new(&e.model.config, KvDtype::F32, 64, 64).unwrap();
+    let pool = KvPool::new(&e.model.config, KvDtype::F32, 64, 64).unwrap();
     let mut seq = Sequence::new();
     let logits = e
         .model
-        .forward(&mut pool, &mut seq, &tokens, Logits::All)
+        .forward(&pool, &mut seq, &tokens, Logits::All)
         .unwrap();
     for (k, p) in at.iter().enumerate() {
         let ours = &logits[*p as usize * vocab..(*p as usize + 1) * vocab];
@@ -169,9 +169,9 @@ fn perplexity_is_within_two_percent_of_the_reference() {
     let r = reference();
     let text = std::fs::read_to_string(fixtures().join("passage.txt")).unwrap();
     let tokens = e.encode_prompt(&text, false).unwrap();
-    let mut pool = KvPool::new(&e.model.config, KvDtype::F32, 64, 64).unwrap();
+    let pool = KvPool::new(&e.model.config, KvDtype::F32, 64, 64).unwrap();
     // Scored in two chunks to exercise the chunked path too.
-    let (ppl, n) = e.perplexity(&mut pool, &tokens, 200).unwrap();
+    let (ppl, n) = e.perplexity(&pool, &tokens, 200).unwrap();
     let want = r["passage"]["perplexity"].as_f64().unwrap();
     let wrong_rope = r["passage"]["perplexity_half_split_rope"].as_f64().unwrap();
     println!(
@@ -231,9 +231,9 @@ fn greedy_decoding_gives_the_reference_tokens_in(dtype: KvDtype) {
             .iter()
             .map(|m| m.as_f64().unwrap() as f32)
             .collect();
-        let mut pool = KvPool::new(&e.model.config, dtype, 64, 64).unwrap();
+        let pool = KvPool::new(&e.model.config, dtype, 64, 64).unwrap();
         let mut seq = Sequence::new();
-        let mut logits = e.model.prefill(&mut pool, &mut seq, &prompt, 512).unwrap();
+        let mut logits = e.model.prefill(&pool, &mut seq, &prompt, 512).unwrap();
         let mut got = Vec::new();
         for step in 0..want.len() {
             let next = strata_engine::sampler::argmax(&logits);
@@ -254,7 +254,7 @@ fn greedy_decoding_gives_the_reference_tokens_in(dtype: KvDtype) {
             }
             logits = e
                 .model
-                .forward(&mut pool, &mut seq, &[next], Logits::Last)
+                .forward(&pool, &mut seq, &[next], Logits::Last)
                 .unwrap();
         }
         println!(

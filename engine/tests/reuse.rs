@@ -15,7 +15,7 @@ const PAGE: usize = 64;
 
 fn greedy(
     e: &Engine,
-    pool: &mut KvPool,
+    pool: &KvPool,
     seq: &mut Sequence,
     mut logits: Vec<f32>,
     n: usize,
@@ -54,29 +54,29 @@ fn one_pass_chunked_and_imported_prefill_agree_in(dtype: KvDtype) {
     let cfg = &e.model.config;
 
     // 1. One pass.
-    let mut pool = KvPool::new(cfg, dtype, PAGE, 16).unwrap();
+    let pool = KvPool::new(cfg, dtype, PAGE, 16).unwrap();
     let mut seq = Sequence::new();
     let one = e
         .model
-        .prefill(&mut pool, &mut seq, &tokens, tokens.len())
+        .prefill(&pool, &mut seq, &tokens, tokens.len())
         .unwrap();
-    let one_cont = greedy(e, &mut pool, &mut seq, one.clone(), 16);
+    let one_cont = greedy(e, &pool, &mut seq, one.clone(), 16);
 
     // 2. Chunks of 37 tokens (not page-aligned).
     // Its pages come from the pool out of order: a sequence that held six pages returned
     // them, and the free list hands them back last first.
-    let mut pool2 = KvPool::new(cfg, dtype, PAGE, 16).unwrap();
+    let pool2 = KvPool::new(cfg, dtype, PAGE, 16).unwrap();
     let mut scratch = Sequence::new();
     pool2.reserve(&mut scratch, 6 * PAGE).unwrap();
     pool2.release(&mut scratch);
     let mut seq2 = Sequence::new();
-    let chunked = e.model.prefill(&mut pool2, &mut seq2, &tokens, 37).unwrap();
+    let chunked = e.model.prefill(&pool2, &mut seq2, &tokens, 37).unwrap();
     assert_ne!(
         seq2.pages()[..3],
         [0, 1, 2],
         "the chunked run's pages are out of order"
     );
-    let chunked_cont = greedy(e, &mut pool2, &mut seq2, chunked.clone(), 16);
+    let chunked_cont = greedy(e, &pool2, &mut seq2, chunked.clone(), 16);
 
     // 3. A first request computes the prefix and stores its pages in a host-tier cache ...
     let ns = e.model.namespace(dtype, PAGE, b"tenant").unwrap();
@@ -107,10 +107,10 @@ fn one_pass_chunked_and_imported_prefill_agree_in(dtype: KvDtype) {
     .unwrap();
     let h = cache.register(&ns).unwrap();
     let prefix = &tokens[..prefix_pages * PAGE];
-    let mut pool3 = KvPool::new(cfg, dtype, PAGE, 16).unwrap();
+    let pool3 = KvPool::new(cfg, dtype, PAGE, 16).unwrap();
     let mut first = Sequence::new();
     e.model
-        .prefill(&mut pool3, &mut first, prefix, 100)
+        .prefill(&pool3, &mut first, prefix, 100)
         .unwrap();
     let blocks: Vec<&[u8]> = (0..prefix_pages)
         .map(|i| pool3.export(&first, i).unwrap())
@@ -123,7 +123,7 @@ fn one_pass_chunked_and_imported_prefill_agree_in(dtype: KvDtype) {
     assert_eq!(hit.matched_pages, prefix_pages);
     let mut got = vec![Vec::new(); hit.matched_pages];
     block_on(cache.read(&h, &tokens, &mut got)).unwrap();
-    let mut pool4 = KvPool::new(cfg, dtype, PAGE, 16).unwrap();
+    let pool4 = KvPool::new(cfg, dtype, PAGE, 16).unwrap();
     let mut seq4 = Sequence::new();
     for b in &got {
         pool4.import(&mut seq4, b).unwrap();
@@ -138,9 +138,9 @@ fn one_pass_chunked_and_imported_prefill_agree_in(dtype: KvDtype) {
     }
     let imported = e
         .model
-        .prefill(&mut pool4, &mut seq4, &tokens[prefix_pages * PAGE..], 512)
+        .prefill(&pool4, &mut seq4, &tokens[prefix_pages * PAGE..], 512)
         .unwrap();
-    let imported_cont = greedy(e, &mut pool4, &mut seq4, imported.clone(), 16);
+    let imported_cont = greedy(e, &pool4, &mut seq4, imported.clone(), 16);
 
     let (d_chunk, d_import) = (max_diff(&one, &chunked), max_diff(&one, &imported));
     println!(
@@ -162,14 +162,14 @@ fn one_pass_chunked_and_imported_prefill_agree_in(dtype: KvDtype) {
 
 /// Page `i` of the one-pass run, for the byte comparison (a page of the prefix holds the same
 /// K/V however the prefill was chunked).
-fn blocks_of<'a>(pool: &'a KvPool, seq: &Sequence, i: usize) -> &'a [u8] {
+fn blocks_of<'a>(pool: &'a KvPool, seq: &'a Sequence, i: usize) -> &'a [u8] {
     pool.export(seq, i).unwrap()
 }
 
 #[test]
 fn import_refuses_bad_blocks_and_keeps_what_it_has() {
     let e = engine();
-    let mut pool = KvPool::new(&e.model.config, KvDtype::default(), PAGE, 4).unwrap();
+    let pool = KvPool::new(&e.model.config, KvDtype::default(), PAGE, 4).unwrap();
     let mut seq = Sequence::new();
     let short = vec![0u8; pool.block_bytes() - 4];
     assert!(pool.import(&mut seq, &short).is_err());
@@ -177,7 +177,7 @@ fn import_refuses_bad_blocks_and_keeps_what_it_has() {
     // Mid-page: imports must land on a page boundary, and a partly filled page (whose tail
     // still holds an earlier sequence's KV) cannot be exported.
     e.model
-        .forward(&mut pool, &mut seq, &[1, 2, 3], Logits::Last)
+        .forward(&pool, &mut seq, &[1, 2, 3], Logits::Last)
         .unwrap();
     assert!(pool.export(&seq, 0).is_err());
     let block = vec![0u8; pool.block_bytes()];
@@ -186,13 +186,13 @@ fn import_refuses_bad_blocks_and_keeps_what_it_has() {
     // Out-of-vocabulary tokens and a full pool are errors, not panics.
     assert!(
         e.model
-            .forward(&mut pool, &mut seq, &[u32::MAX], Logits::Last)
+            .forward(&pool, &mut seq, &[u32::MAX], Logits::Last)
             .is_err()
     );
     let long: Vec<u32> = (0..(5 * PAGE) as u32).collect();
     let err = e
         .model
-        .forward(&mut pool, &mut seq, &long, Logits::Last)
+        .forward(&pool, &mut seq, &long, Logits::Last)
         .unwrap_err();
     assert!(err.to_string().contains("full"), "{err}");
     // A refused reservation takes no pages: the sequence still has its one page.
@@ -200,7 +200,7 @@ fn import_refuses_bad_blocks_and_keeps_what_it_has() {
     assert_eq!(pool.used_pages(), 1);
     assert!(
         e.model
-            .forward(&mut pool, &mut Sequence::new(), &[], Logits::Last)
+            .forward(&pool, &mut Sequence::new(), &[], Logits::Last)
             .is_err()
     );
 }

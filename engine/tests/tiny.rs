@@ -26,11 +26,11 @@ fn tiny_safetensors_models_match_the_reference() {
             })
             .collect();
         let vocab = e.model.config.vocab;
-        let mut pool = KvPool::new(&e.model.config, KvDtype::F32, 16, 8).unwrap();
+        let pool = KvPool::new(&e.model.config, KvDtype::F32, 16, 8).unwrap();
         let mut seq = Sequence::new();
         let got = e
             .model
-            .forward(&mut pool, &mut seq, &tokens, Logits::All)
+            .forward(&pool, &mut seq, &tokens, Logits::All)
             .unwrap();
         let mut max = 0f32;
         for (p, row) in want.iter().enumerate() {

@@ -98,7 +98,7 @@ fn run_llama(
 /// Strata's mean tokens/s for the same two tests.
 fn run_strata(e: &Engine, pp: usize, tg: usize, reps: usize) -> anyhow::Result<(f64, f64)> {
     let cfg = &e.model.config;
-    let mut pool = KvPool::new(
+    let pool = KvPool::new(
         cfg,
         KvDtype::default(),
         64,
@@ -114,7 +114,7 @@ fn run_strata(e: &Engine, pp: usize, tg: usize, reps: usize) -> anyhow::Result<(
         let mut seq = Sequence::new();
         let t0 = Instant::now();
         e.model
-            .forward(&mut pool, &mut seq, &prompt, Logits::Last)?;
+            .forward(&pool, &mut seq, &prompt, Logits::Last)?;
         let pp_s = t0.elapsed().as_secs_f64();
         pool.release(&mut seq);
         let mut next = tokens(1)[0];
@@ -122,7 +122,7 @@ fn run_strata(e: &Engine, pp: usize, tg: usize, reps: usize) -> anyhow::Result<(
         for _ in 0..tg {
             let logits = e
                 .model
-                .forward(&mut pool, &mut seq, &[next], Logits::Last)?;
+                .forward(&pool, &mut seq, &[next], Logits::Last)?;
             next = strata_engine::sampler::argmax(&logits);
         }
         let tg_s = t1.elapsed().as_secs_f64();

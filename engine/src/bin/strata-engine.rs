@@ -6,7 +6,10 @@
 //! - `strata-engine perplexity [--model PATH] --file TEXT_FILE` prints the perplexity of the
 //!   file's text.
 //!
-//! Both take `--kv-dtype f16|f32` (default f16), `--page-size`, `--chunk` and `--threads`.
+//! - `strata-engine serve [--model PATH] [--host 127.0.0.1] [--port 8000] ...` serves an
+//!   OpenAI-compatible API with continuous batching and a prefix cache (see `--help`).
+//!
+//! All take `--kv-dtype f16|f32` (default f16), `--page-size`, `--chunk` and `--threads`.
 //!
 //! Without `--model`, the default model (SmolLM2-135M-Instruct) is fetched on first use.
 
@@ -16,6 +19,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use strata_engine::sampler::Sampling;
+use strata_engine::serve::ServeConfig;
+use strata_engine::serve::sched::SchedConfig;
 use strata_engine::{Engine, KvDtype, KvPool, Sequence};
 
 #[derive(Parser)]
@@ -39,7 +44,8 @@ struct Common {
     /// Kernel threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Tokens per prefill chunk.
+    /// Tokens per prefill chunk (serve: the token budget of one scheduler step, one per
+    /// decoding stream plus prompt chunks).
     #[arg(long, default_value_t = 512)]
     chunk: usize,
     /// Tokens per KV page (cache-core block).
@@ -76,6 +82,35 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models,
+    /// /health, /metrics) with continuous batching and a prefix cache over the KV pool.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Address to listen on. Anything but loopback needs --api-key.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// TCP port (0 picks a free one).
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Bearer token every request but /health must carry (also STRATA_API_KEY).
+        #[arg(long, env = "STRATA_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// The model name clients send (and /v1/models lists); "default" is accepted too.
+        /// Default: the model file's name without extension.
+        #[arg(long)]
+        served_model_name: Option<String>,
+        /// KV pool size in MiB (pages of --page-size tokens; the prefix cache lives in the
+        /// pages that no running request holds).
+        #[arg(long, default_value_t = 2048)]
+        kv_memory_mib: usize,
+        /// Most requests in the running batch.
+        #[arg(long, default_value_t = 16)]
+        max_running: usize,
+        /// Most requests waiting for a place in the batch; more get 503 with Retry-After.
+        #[arg(long, default_value_t = 64)]
+        max_waiting: usize,
+    },
     /// Print the perplexity of a text file (every token after the first scored).
     Perplexity {
         #[command(flatten)]
@@ -87,6 +122,31 @@ enum Cmd {
 }
 
 fn load(common: &Common) -> Result<(Engine, KvPool)> {
+    let (engine, path) = load_engine(common)?;
+    let c = &engine.model.config;
+    let pages = c.ctx_len.div_ceil(common.page_size) + 1;
+    let pool = KvPool::new(c, common.kv_dtype, common.page_size, pages)?;
+    describe(&engine, &path, common);
+    Ok((engine, pool))
+}
+
+fn describe(engine: &Engine, path: &std::path::Path, common: &Common) {
+    let c = &engine.model.config;
+    eprintln!(
+        "strata: {} ({}, {} layers, hidden {}, vocab {}, context {}) on {} threads, {:?} kernels, {} KV",
+        path.display(),
+        c.arch,
+        c.n_layers,
+        c.hidden,
+        c.vocab,
+        c.ctx_len,
+        strata_kernels::threads(),
+        strata_kernels::simd(),
+        common.kv_dtype
+    );
+}
+
+fn load_engine(common: &Common) -> Result<(Engine, PathBuf)> {
     if let Some(t) = common.threads {
         anyhow::ensure!(t > 0, "--threads must be at least 1");
         strata_kernels::init_threads(t)?;
@@ -103,20 +163,84 @@ fn load(common: &Common) -> Result<(Engine, KvPool)> {
         common.page_size
     );
     anyhow::ensure!(common.chunk > 0, "--chunk must be at least 1");
-    let pages = c.ctx_len.div_ceil(common.page_size) + 1;
-    let pool = KvPool::new(c, common.kv_dtype, common.page_size, pages)?;
-    eprintln!(
-        "strata: {} ({}, {} layers, hidden {}, vocab {}) on {} threads, {:?} kernels, {} KV",
-        path.display(),
-        c.arch,
-        c.n_layers,
-        c.hidden,
-        c.vocab,
-        strata_kernels::threads(),
-        strata_kernels::simd(),
-        common.kv_dtype
+    let _ = c;
+    Ok((engine, path))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn serve(
+    common: Common,
+    host: std::net::IpAddr,
+    port: u16,
+    api_key: Option<String>,
+    served_model_name: Option<String>,
+    kv_memory_mib: usize,
+    max_running: usize,
+    max_waiting: usize,
+) -> Result<()> {
+    anyhow::ensure!(max_running > 0, "--max-running must be at least 1");
+    let (engine, path) = load_engine(&common)?;
+    describe(&engine, &path, &common);
+    let c = &engine.model.config;
+    let page_bytes =
+        c.n_layers * 2 * common.page_size * c.n_kv_heads * c.head_dim * common.kv_dtype.size();
+    let kv_pages = (kv_memory_mib << 20) / page_bytes;
+    anyhow::ensure!(
+        kv_pages * common.page_size > c.ctx_len.min(4096),
+        "--kv-memory-mib {kv_memory_mib} holds {kv_pages} pages of {} tokens; give it room for at least one long request",
+        common.page_size
     );
-    Ok((engine, pool))
+    let model_id = served_model_name.unwrap_or_else(|| {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let cfg = ServeConfig {
+        addr: std::net::SocketAddr::new(host, port),
+        api_key,
+        model_id: model_id.clone(),
+        kv_dtype: common.kv_dtype,
+        page_size: common.page_size,
+        kv_pages,
+        sched: SchedConfig {
+            max_running,
+            max_waiting,
+            step_tokens: common.chunk,
+        },
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(strata_engine::serve::serve(engine, cfg, shutdown(), |s| {
+        eprintln!(
+            "strata: KV pool {} pages of {} tokens ({:.1} MiB, {}), up to {max_running} running and {max_waiting} waiting requests, {} tokens per step",
+            s.kv_pages,
+            common.page_size,
+            s.kv_bytes as f64 / (1 << 20) as f64,
+            common.kv_dtype,
+            common.chunk
+        );
+        eprintln!("strata: serving model '{model_id}' at http://{}/v1", s.addr);
+        eprintln!("strata: ready");
+    }))?;
+    eprintln!("strata: stopped");
+    Ok(())
+}
+
+async fn shutdown() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 fn main() -> Result<()> {
@@ -135,7 +259,7 @@ fn main() -> Result<()> {
                 "--temperature must be ≥ 0"
             );
             anyhow::ensure!(top_p > 0.0 && top_p <= 1.0, "--top-p must be in (0, 1]");
-            let (engine, mut pool) = load(&common)?;
+            let (engine, pool) = load(&common)?;
             let ids = engine.encode_prompt(&prompt, chat)?;
             anyhow::ensure!(!ids.is_empty(), "the prompt is empty");
             let mut seq = Sequence::new();
@@ -148,7 +272,7 @@ fn main() -> Result<()> {
                 seed,
             };
             let g = engine.generate(
-                &mut pool,
+                &pool,
                 &mut seq,
                 &ids,
                 max_tokens,
@@ -189,13 +313,32 @@ fn main() -> Result<()> {
                 }
             );
         }
+        Cmd::Serve {
+            common,
+            host,
+            port,
+            api_key,
+            served_model_name,
+            kv_memory_mib,
+            max_running,
+            max_waiting,
+        } => serve(
+            common,
+            host,
+            port,
+            api_key,
+            served_model_name,
+            kv_memory_mib,
+            max_running,
+            max_waiting,
+        )?,
         Cmd::Perplexity { common, file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let (engine, mut pool) = load(&common)?;
+            let (engine, pool) = load(&common)?;
             let ids = engine.encode_prompt(&text, false)?;
             let t0 = std::time::Instant::now();
-            let (ppl, n) = engine.perplexity(&mut pool, &ids, common.chunk)?;
+            let (ppl, n) = engine.perplexity(&pool, &ids, common.chunk)?;
             eprintln!(
                 "strata: scored {n} tokens in {:.2} s",
                 t0.elapsed().as_secs_f64()
