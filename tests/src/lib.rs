@@ -39,4 +39,5 @@ pub const CRASH_SEGMENT: u64 = 64 * (CRASH_BLOCK as u64 + 4096) + 8192;
 /// Capacity of the crash test's store: ten segments, more than the test writes.
 pub const CRASH_CAPACITY: u64 = 4096 + 10 * CRASH_SEGMENT;
 
+pub mod engine;
 pub mod sidecar;

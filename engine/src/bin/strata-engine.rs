@@ -110,6 +110,9 @@ enum Cmd {
         /// Most requests waiting for a place in the batch; more get 503 with Retry-After.
         #[arg(long, default_value_t = 64)]
         max_waiting: usize,
+        /// Turn the prefix cache off: every prompt is prefilled in full, nothing is stored.
+        #[arg(long)]
+        no_prefix_cache: bool,
     },
     /// Print the perplexity of a text file (every token after the first scored).
     Perplexity {
@@ -177,6 +180,7 @@ fn serve(
     kv_memory_mib: usize,
     max_running: usize,
     max_waiting: usize,
+    prefix_cache: bool,
 ) -> Result<()> {
     anyhow::ensure!(max_running > 0, "--max-running must be at least 1");
     let (engine, path) = load_engine(&common)?;
@@ -186,8 +190,8 @@ fn serve(
         c.n_layers * 2 * common.page_size * c.n_kv_heads * c.head_dim * common.kv_dtype.size();
     let kv_pages = (kv_memory_mib << 20) / page_bytes;
     anyhow::ensure!(
-        kv_pages * common.page_size > c.ctx_len.min(4096),
-        "--kv-memory-mib {kv_memory_mib} holds {kv_pages} pages of {} tokens; give it room for at least one long request",
+        kv_pages >= 2,
+        "--kv-memory-mib {kv_memory_mib} holds {kv_pages} pages of {} tokens ({page_bytes} bytes each); give it at least two",
         common.page_size
     );
     let model_id = served_model_name.unwrap_or_else(|| {
@@ -206,6 +210,7 @@ fn serve(
             max_running,
             max_waiting,
             step_tokens: common.chunk,
+            prefix_cache,
         },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -214,12 +219,13 @@ fn serve(
         .build()?;
     rt.block_on(strata_engine::serve::serve(engine, cfg, shutdown(), |s| {
         eprintln!(
-            "strata: KV pool {} pages of {} tokens ({:.1} MiB, {}), up to {max_running} running and {max_waiting} waiting requests, {} tokens per step",
+            "strata: KV pool {} pages of {} tokens ({:.1} MiB, {}), up to {max_running} running and {max_waiting} waiting requests, {} tokens per step, prefix cache {}",
             s.kv_pages,
             common.page_size,
             s.kv_bytes as f64 / (1 << 20) as f64,
             common.kv_dtype,
-            common.chunk
+            common.chunk,
+            if prefix_cache { "on" } else { "off" }
         );
         eprintln!("strata: serving model '{model_id}' at http://{}/v1", s.addr);
         eprintln!("strata: ready");
@@ -322,6 +328,7 @@ fn main() -> Result<()> {
             kv_memory_mib,
             max_running,
             max_waiting,
+            no_prefix_cache,
         } => serve(
             common,
             host,
@@ -331,6 +338,7 @@ fn main() -> Result<()> {
             kv_memory_mib,
             max_running,
             max_waiting,
+            !no_prefix_cache,
         )?,
         Cmd::Perplexity { common, file } => {
             let text = std::fs::read_to_string(&file)

@@ -168,6 +168,7 @@ struct Params {
     stream: bool,
     include_usage: bool,
     ignore_eos: bool,
+    return_token_ids: bool,
 }
 
 fn parse_body(body: &Bytes) -> Result<serde_json::Map<String, Value>, ApiError> {
@@ -311,6 +312,7 @@ fn params(s: &AppState, m: &serde_json::Map<String, Value>) -> Result<Params, Ap
         stream: boolean(m, "stream")?,
         include_usage,
         ignore_eos: boolean(m, "ignore_eos")?,
+        return_token_ids: boolean(m, "return_token_ids")?,
     })
 }
 
@@ -547,6 +549,7 @@ async fn run(s: Arc<AppState>, p: Params, prompt: Vec<u32>, kind: Kind) -> Respo
         prompt_len,
         cached: 0,
         prefill: None,
+        return_token_ids: p.return_token_ids,
     };
     if p.stream {
         stream(out, rx, p.include_usage)
@@ -576,11 +579,16 @@ impl Detok {
         }
     }
 
-    /// Adds a token; returns the text that became final, and whether a stop string ended
-    /// the output.
+    /// Adds a token; returns the text that became final. When a stop string appears,
+    /// `stopped` is set, the text is cut before it, and [`Detok::flush`] releases the rest.
     fn push(&mut self, engine: &Engine, id: u32) -> String {
         self.ids.push(id);
         self.text = engine.decode(&self.ids).unwrap_or_default();
+        self.step()
+    }
+
+    /// Decides what of `text` is final after a new token.
+    fn step(&mut self) -> String {
         let search_from = self
             .sent
             .saturating_sub(self.stop.iter().map(String::len).max().unwrap_or(0));
@@ -591,9 +599,10 @@ impl Detok {
             .filter_map(|s| self.text[search_from..].find(s.as_str()).map(|i| search_from + i))
             .min();
         if let Some(at) = hit {
+            // The text before the stop string is released by `flush`.
             self.stopped = true;
             self.text.truncate(at);
-            return self.release(at);
+            return String::new();
         }
         let mut end = self.text.len();
         if self.text.ends_with('\u{FFFD}') {
@@ -643,6 +652,7 @@ struct Output {
     prompt_len: usize,
     cached: usize,
     prefill: Option<Duration>,
+    return_token_ids: bool,
 }
 
 /// What the event loop saw last.
@@ -763,12 +773,15 @@ async fn complete(mut out: Output, mut rx: mpsc::UnboundedReceiver<Event>) -> Re
     };
     drop(rx);
     text.push_str(&out.text.flush());
-    let choice = match out.kind {
+    let mut choice = match out.kind {
         Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
                              "logprobs": null, "finish_reason": finish.as_str()}),
         Kind::Text => json!({"index": 0, "text": text, "logprobs": null,
                              "finish_reason": finish.as_str()}),
     };
+    if out.return_token_ids {
+        choice["token_ids"] = json!(out.text.ids);
+    }
     axum::Json(json!({
         "id": out.id, "object": out.object(false), "created": out.created,
         "model": out.s.model_id, "choices": [choice], "usage": out.usage(),
@@ -835,4 +848,45 @@ fn stream(mut out: Output, mut rx: mpsc::UnboundedReceiver<Event>, include_usage
     Sse::new(tokio_stream::wrappers::ReceiverStream::new(body_rx))
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds text pieces through the release logic without a tokenizer.
+    fn run(pieces: &[&str], stop: &[&str]) -> (Vec<String>, String, bool) {
+        let mut d = Detok::new(stop.iter().map(|s| s.to_string()).collect());
+        let mut out = Vec::new();
+        for p in pieces {
+            d.text.push_str(p);
+            d.ids.push(0);
+            out.push(d.step());
+            if d.stopped {
+                break;
+            }
+        }
+        let rest = d.flush();
+        (out, rest, d.stopped)
+    }
+
+    #[test]
+    fn stop_strings_cut_the_text_and_hold_back_possible_starts() {
+        let (out, rest, stopped) = run(&["Hello", " wor", "ld. Bye"], &["world"]);
+        assert!(stopped);
+        assert_eq!(out.concat() + &rest, "Hello ");
+        // "wor" could start "world": it is held back until decided.
+        assert_eq!(out[1], " ");
+        let (out, rest, stopped) = run(&["Hello", " wor", "ks"], &["world"]);
+        assert!(!stopped);
+        assert_eq!(out.concat() + &rest, "Hello works");
+        // A stop string split over many tokens, and one that is found at the very start.
+        let (out, rest, _) = run(&["a", "<", "|", "end", "|>", "b"], &["<|end|>"]);
+        assert_eq!(out.concat() + &rest, "a");
+        let (out, rest, stopped) = run(&["STOP"], &["STOP"]);
+        assert!(stopped && (out.concat() + &rest).is_empty());
+        // An unfinished character is not released until it is complete.
+        let (out, _, _) = run(&["caf", "\u{FFFD}"], &[]);
+        assert_eq!(out, vec!["caf".to_string(), String::new()]);
+    }
 }

@@ -114,6 +114,8 @@ pub struct SchedConfig {
     pub max_waiting: usize,
     /// Tokens per step: one per decoding sequence plus prefill chunks up to this total.
     pub step_tokens: usize,
+    /// Reuse and store prefix pages (off: every prompt is prefilled in full).
+    pub prefix_cache: bool,
 }
 
 /// The HTTP side's handle: submits jobs and refuses them when the queue is full.
@@ -358,7 +360,12 @@ impl Scheduler {
             // choose the next token.
             let reusable = (a.tokens.len() - 1) / ps * ps;
             let mut attached = 0;
-            if let Ok(pin) = self.cache.pin(&self.ns, &a.tokens[..reusable]) {
+            let pinned = if self.cfg.prefix_cache {
+                self.cache.pin(&self.ns, &a.tokens[..reusable]).ok()
+            } else {
+                None
+            };
+            if let Some(pin) = pinned {
                 for h in pin.handles(T0) {
                     if self.pool.attach(&mut a.seq, h.0 as u32).is_err() {
                         break;
@@ -519,7 +526,7 @@ impl Scheduler {
         let ps = self.pool.page_size();
         let a = &mut self.running[i];
         let full = a.seq.len() / ps;
-        if full <= a.stored_pages {
+        if full <= a.stored_pages || !self.cfg.prefix_cache {
             return;
         }
         let blocks: Result<Vec<&[u8]>, _> =
