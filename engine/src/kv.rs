@@ -559,3 +559,124 @@ impl KvPool {
 fn cast<T: bytemuck::Pod>(b: &[u8]) -> &[T] {
     bytemuck::cast_slice(b)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn config() -> ModelConfig {
+        ModelConfig {
+            arch: "llama".into(),
+            n_layers: 1,
+            hidden: 4,
+            ffn: 4,
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 4,
+            vocab: 8,
+            ctx_len: 1024,
+            rope_theta: 10000.0,
+            rope_dim: 4,
+            rope_layout: strata_kernels::RopeLayout::Adjacent,
+            rms_eps: 1e-5,
+            qkv_bias: false,
+            qk_norm: false,
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Sequence grows by this many positions (reserve, then "written").
+        Grow(usize, usize),
+        /// The cache adopts page `k` of a sequence (if full).
+        Adopt(usize, usize),
+        /// The cache lets go of its `k`-th page.
+        Evict(usize),
+        /// A sequence at a page boundary attaches the cache's `k`-th page.
+        Attach(usize, usize),
+        /// A sequence releases everything.
+        Release(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..4usize, 1..40usize).prop_map(|(i, n)| Op::Grow(i, n)),
+            (0..4usize, 0..4usize).prop_map(|(i, k)| Op::Adopt(i, k)),
+            (0..8usize).prop_map(Op::Evict),
+            (0..4usize, 0..8usize).prop_map(|(i, k)| Op::Attach(i, k)),
+            (0..4usize).prop_map(Op::Release),
+        ]
+    }
+
+    proptest! {
+        /// Reference counts, sealing and the free count against a model: a page's holders
+        /// are the sequences that list it plus the cache's adoptions, a page is free exactly
+        /// when nobody holds it, and no page is listed by two sequences unless sealed.
+        #[test]
+        fn pool_counts_match_a_model(ops in proptest::collection::vec(op(), 1..120)) {
+            const PS: usize = 16;
+            let pool = KvPool::new(&config(), KvDtype::F16, PS, 12).unwrap();
+            let mut seqs: Vec<Sequence> = (0..4).map(|_| Sequence::new()).collect();
+            let mut cache: Vec<u32> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Grow(i, n) => {
+                        let end = seqs[i].len() + n;
+                        let missing = pool.missing(&seqs[i], end);
+                        let free = pool.free_pages();
+                        match pool.reserve(&mut seqs[i], end) {
+                            Ok(()) => seqs[i].set_len(end),
+                            Err(EngineError::OutOfPages { .. }) => prop_assert!(missing > free),
+                            Err(e) => prop_assert!(false, "reserve: {e}"),
+                        }
+                    }
+                    Op::Adopt(i, k) => {
+                        if let Ok(b) = pool.export(&seqs[i], k) {
+                            let p = pool.page_of(b).expect("an exported page is a pool page");
+                            prop_assert!(pool.share(p));
+                            cache.push(p);
+                        }
+                    }
+                    Op::Evict(k) => {
+                        if k < cache.len() {
+                            pool.unref(cache.swap_remove(k));
+                        }
+                    }
+                    Op::Attach(i, k) => {
+                        if k < cache.len() {
+                            let at_boundary = seqs[i].len() % PS == 0
+                                && seqs[i].pages().len() == seqs[i].len() / PS;
+                            prop_assert_eq!(pool.attach(&mut seqs[i], cache[k]).is_ok(), at_boundary);
+                        }
+                    }
+                    Op::Release(i) => pool.release(&mut seqs[i]),
+                }
+                let mut holders: HashMap<u32, u32> = HashMap::new();
+                for p in seqs.iter().flat_map(|s| s.pages()).chain(&cache) {
+                    *holders.entry(*p).or_default() += 1;
+                }
+                for p in 0..12u32 {
+                    prop_assert_eq!(pool.refs(p), holders.get(&p).copied().unwrap_or(0), "page {}", p);
+                }
+                prop_assert_eq!(pool.free_pages(), 12 - holders.len());
+                // A page listed by two sequences (or a sequence and the cache) is sealed, so
+                // no forward pass may write it: the writable tail of every sequence is private.
+                let a = pool.lock();
+                for s in &seqs {
+                    prop_assert!(pool.check_writable(&a, s).is_ok());
+                }
+            }
+            for s in &mut seqs {
+                pool.release(s);
+            }
+            for p in cache.drain(..) {
+                pool.unref(p);
+            }
+            prop_assert_eq!(pool.free_pages(), 12);
+        }
+    }
+}

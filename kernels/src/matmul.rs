@@ -148,24 +148,42 @@ fn quantized_rows(
     // t < n and r0 <= r < r1 <= rows.
     let put = |t: usize, r: usize, v: f32| unsafe { dst.write(t * rows + r, v) };
     let mut t = 0;
-    while t + 4 <= n {
-        let at = [a(t), a(t + 1), a(t + 2), a(t + 3)];
+    if n >= 4 {
+        // Rows outside, tokens inside: each pair of weight rows is read from memory once
+        // and stays in L1 for every group of tokens (a batch of decode steps reads the
+        // weights once, not once per group of four).
+        let groups = n / 4;
         let mut r = r0;
         while r + 2 <= r1 {
-            let v = dot24([w.row(r), w.row(r + 1)], at);
-            for (k, (v0, v1)) in v[0].iter().zip(&v[1]).enumerate() {
-                put(t + k, r, *v0);
-                put(t + k, r + 1, *v1);
+            let rows2 = [w.row(r), w.row(r + 1)];
+            for g in 0..groups {
+                let t = g * 4;
+                let v = dot24(rows2, [a(t), a(t + 1), a(t + 2), a(t + 3)]);
+                for (k, (v0, v1)) in v[0].iter().zip(&v[1]).enumerate() {
+                    put(t + k, r, *v0);
+                    put(t + k, r + 1, *v1);
+                }
+            }
+            for t in groups * 4..n {
+                let v = dot21(rows2, [a(t)]);
+                put(t, r, v[0][0]);
+                put(t, r + 1, v[1][0]);
             }
             r += 2;
         }
         if r < r1 {
-            let v = dot14([w.row(r)], at);
-            for (k, v0) in v[0].iter().enumerate() {
-                put(t + k, r, *v0);
+            for g in 0..groups {
+                let t = g * 4;
+                let v = dot14([w.row(r)], [a(t), a(t + 1), a(t + 2), a(t + 3)]);
+                for (k, v0) in v[0].iter().enumerate() {
+                    put(t + k, r, *v0);
+                }
+            }
+            for t in groups * 4..n {
+                put(t, r, dot11([w.row(r)], [a(t)])[0][0]);
             }
         }
-        t += 4;
+        return;
     }
     for t in t..n {
         let mut r = r0;

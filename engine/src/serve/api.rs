@@ -674,8 +674,12 @@ impl Output {
                 self.cached = cached_tokens;
                 Step::Nothing
             }
-            Event::Prefilled { prefill_time } => {
+            Event::Prefilled {
+                prefill_time,
+                cached_tokens,
+            } => {
                 self.prefill = Some(prefill_time);
+                self.cached = cached_tokens;
                 Step::Nothing
             }
             Event::Token(id) => {

@@ -80,6 +80,9 @@ pub enum Event {
     Prefilled {
         /// Time from the first prefill chunk to the first token.
         prefill_time: Duration,
+        /// Prompt tokens taken from the cache in all (at admission, plus pages another
+        /// request computed meanwhile).
+        cached_tokens: usize,
     },
     /// A generated token.
     Token(u32),
@@ -403,6 +406,9 @@ impl Scheduler {
         if self.running.is_empty() {
             return Ok(());
         }
+        if self.cfg.prefix_cache {
+            self.attach_computed();
+        }
         // Plan: decode tokens first, then prefill chunks within the budget.
         let plan = loop {
             let mut budget = self.cfg.step_tokens.max(1);
@@ -414,7 +420,7 @@ impl Scheduler {
                 }
             }
             for (i, a) in self.running.iter().enumerate() {
-                if plan[i] == 0 && budget > 0 {
+                if plan[i] == 0 && budget > 0 && !self.waits_for_earlier(i) {
                     plan[i] = a.pending().min(budget);
                     budget -= plan[i];
                 }
@@ -487,6 +493,7 @@ impl Scheduler {
                 self.metrics.ttft.observe(t.duration_since(a.job.arrived));
                 let _ = a.job.events.send(Event::Prefilled {
                     prefill_time: a.usage.prefill_time,
+                    cached_tokens: a.usage.cached_tokens,
                 });
             } else if let Some(l) = a.last_token {
                 self.metrics.itl.observe(t.duration_since(l));
@@ -518,6 +525,62 @@ impl Scheduler {
             let _ = a.job.events.send(Event::Done(why, a.usage.clone()));
         }
         Ok(())
+    }
+
+    /// In-batch prefix sharing: a sequence in prefill that stands at a page boundary takes
+    /// the whole pages that other requests have computed and stored since it was admitted
+    /// (requests that arrive together with one long shared prefix compute it once).
+    fn attach_computed(&mut self) {
+        let ps = self.pool.page_size();
+        for a in &mut self.running {
+            let at = a.seq.len();
+            let reusable = (a.tokens.len() - 1) / ps * ps;
+            if a.pending() < 2
+                || at >= reusable
+                || !at.is_multiple_of(ps)
+                || a.seq.pages().len() != at / ps
+            {
+                continue;
+            }
+            let Ok(pin) = self.cache.pin(&self.ns, &a.tokens[..reusable]) else {
+                continue;
+            };
+            let handles = pin.handles(T0);
+            if handles.len() <= at / ps {
+                continue;
+            }
+            let mut added = 0;
+            for h in &handles[at / ps..] {
+                if self.pool.attach(&mut a.seq, h.0 as u32).is_err() {
+                    break;
+                }
+                added += 1;
+            }
+            a.stored_pages = at / ps + added;
+            a.pin = Some(pin);
+            a.usage.cached_tokens += added * ps;
+            self.metrics.cached_tokens(added * ps);
+        }
+    }
+
+    /// Whether running sequence `j` should not prefill this step because an earlier
+    /// sequence is computing the very page `j` would compute next (it attaches that page once
+    /// it is stored instead of computing a copy).
+    fn waits_for_earlier(&self, j: usize) -> bool {
+        if !self.cfg.prefix_cache {
+            return false;
+        }
+        let ps = self.pool.page_size();
+        let b = &self.running[j];
+        let at = b.seq.len();
+        if !at.is_multiple_of(ps) || at + ps > (b.tokens.len() - 1) / ps * ps {
+            return false;
+        }
+        let page = &b.tokens[at..at + ps];
+        self.running[..j].iter().any(|a| {
+            let l = a.seq.len();
+            l >= at && l < at + ps && a.tokens.len() >= at + ps && a.tokens[at..at + ps] == *page
+        })
     }
 
     /// Stores the pages of running sequence `i` that filled since the last store, and pins
