@@ -14,10 +14,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use strata_cache_core::BlockKey;
 use strata_cache_core::tier::{
     Bandwidth, BlockHandle, BlockMeta, ThroughputMeter, Tier, TierError, TierFuture, TierKind,
 };
-use strata_cache_core::BlockKey;
 
 use crate::kv::KvPool;
 

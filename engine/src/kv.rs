@@ -408,9 +408,12 @@ impl KvPool {
                 self.block_bytes
             )));
         }
-        let p = self.lock().take(self.max_pages).ok_or(EngineError::OutOfPages {
-            pages: self.max_pages,
-        })?;
+        let p = self
+            .lock()
+            .take(self.max_pages)
+            .ok_or(EngineError::OutOfPages {
+                pages: self.max_pages,
+            })?;
         // SAFETY: `p` was just taken from the free list with one holder (us): no other
         // reference to its memory exists, and it lies inside the mapping.
         unsafe { self.page_mut(p) }.copy_from_slice(block);
@@ -452,7 +455,10 @@ impl KvPool {
         {
             let a = self.lock();
             let i = p as usize;
-            if i >= self.max_pages || a.refs[i] == 0 || !a.sealed[i] || out.len() != self.block_bytes
+            if i >= self.max_pages
+                || a.refs[i] == 0
+                || !a.sealed[i]
+                || out.len() != self.block_bytes
             {
                 return false;
             }
@@ -507,9 +513,7 @@ impl KvPool {
         // the caller borrows for the slices' lifetime, so they are not written meanwhile.
         let bytes = seq.pages.iter().map(|p| unsafe { self.page(*p) });
         match self.dtype {
-            KvDtype::F16 => {
-                LayerPages::F16(bytes.map(|b| &cast::<f16>(b)[r.clone()]).collect())
-            }
+            KvDtype::F16 => LayerPages::F16(bytes.map(|b| &cast::<f16>(b)[r.clone()]).collect()),
             KvDtype::F32 => LayerPages::F32(
                 bytes
                     .map(|b| &bytemuck::cast_slice::<u8, f32>(b)[r.clone()])
@@ -648,7 +652,7 @@ mod tests {
                     }
                     Op::Attach(i, k) => {
                         if k < cache.len() {
-                            let at_boundary = seqs[i].len() % PS == 0
+                            let at_boundary = seqs[i].len().is_multiple_of(PS)
                                 && seqs[i].pages().len() == seqs[i].len() / PS;
                             prop_assert_eq!(pool.attach(&mut seqs[i], cache[k]).is_ok(), at_boundary);
                         }

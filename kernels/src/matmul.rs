@@ -147,7 +147,6 @@ fn quantized_rows(
     // matrix's output (n × rows, alive for the whole parallel section); callers pass
     // t < n and r0 <= r < r1 <= rows.
     let put = |t: usize, r: usize, v: f32| unsafe { dst.write(t * rows + r, v) };
-    let mut t = 0;
     if n >= 4 {
         // Rows outside, tokens inside: each pair of weight rows is read from memory once
         // and stays in L1 for every group of tokens (a batch of decode steps reads the
@@ -185,7 +184,7 @@ fn quantized_rows(
         }
         return;
     }
-    for t in t..n {
+    for t in 0..n {
         let mut r = r0;
         while r + 4 <= r1 {
             let v = dot41([w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)], [a(t)]);

@@ -56,8 +56,10 @@ fn prompts() -> &'static Vec<Vec<u32>> {
 async fn complete(c: &reqwest::Client, base: &str, prompt: &[u32]) -> Value {
     let r = c
         .post(format!("{base}/v1/completions"))
-        .json(&json!({"model": "smollm2", "prompt": prompt, "max_tokens": MAX_TOKENS,
-                      "temperature": 0, "ignore_eos": true, "return_token_ids": true}))
+        .json(
+            &json!({"model": "smollm2", "prompt": prompt, "max_tokens": MAX_TOKENS,
+                      "temperature": 0, "ignore_eos": true, "return_token_ids": true}),
+        )
         .send()
         .await
         .unwrap();
@@ -119,7 +121,12 @@ async fn all_at_once(base: &str) -> Vec<Value> {
 fn same_tokens_with_and_without_the_cache_under_concurrency_and_preemption() {
     let want = reference();
     for (i, w) in want.iter().enumerate() {
-        assert_eq!(w.len(), MAX_TOKENS, "prompt {i} generated {} tokens", w.len());
+        assert_eq!(
+            w.len(),
+            MAX_TOKENS,
+            "prompt {i} generated {} tokens",
+            w.len()
+        );
     }
     // Prefill chunks of 64 tokens interleave with decode; two rounds: the first shares
     // prefixes between concurrent requests, the second finds them all cached.
@@ -187,14 +194,20 @@ fn a_request_that_extends_another_prefills_only_its_new_tokens() {
         let second = complete(&c, &s.base, p).await;
         let after = metric(&metrics(&c, &s.base).await, "strata:prefill_tokens_total").unwrap();
         // 200 tokens fill 3 whole pages of 64.
-        assert_eq!(second["usage"]["prompt_tokens_details"]["cached_tokens"], 192);
+        assert_eq!(
+            second["usage"]["prompt_tokens_details"]["cached_tokens"],
+            192
+        );
         assert_eq!(
             after - before,
             (p.len() - 192) as f64,
             "only the tokens after the cached pages are prefilled"
         );
         assert_eq!(
-            metric(&metrics(&c, &s.base).await, "strata:cached_tokens_total{tier=\"device\"}"),
+            metric(
+                &metrics(&c, &s.base).await,
+                "strata:cached_tokens_total{tier=\"device\"}"
+            ),
             Some(192.0)
         );
     });
@@ -223,83 +236,119 @@ fn bad_input_gets_openai_shaped_errors_that_name_the_problem() {
                 .send()
         };
         let e = error_of(post(&chat, "{\"messages\": [").await.unwrap(), 400).await;
-        assert!(e["message"].as_str().unwrap().contains("not valid JSON"), "{e}");
+        assert!(
+            e["message"].as_str().unwrap().contains("not valid JSON"),
+            "{e}"
+        );
         let e = error_of(
-            post(&chat, r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":"ten"}"#)
-                .await
-                .unwrap(),
+            post(
+                &chat,
+                r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":"ten"}"#,
+            )
+            .await
+            .unwrap(),
             400,
         )
         .await;
         assert_eq!(e["param"], "max_tokens");
         let e = error_of(post(&chat, r#"{"messages":[]}"#).await.unwrap(), 400).await;
-        assert!(e["message"].as_str().unwrap().contains("must not be empty"), "{e}");
+        assert!(
+            e["message"].as_str().unwrap().contains("must not be empty"),
+            "{e}"
+        );
         let e = error_of(
-            post(&chat, r#"{"messages":[{"role":"user","content":5}]}"#).await.unwrap(),
+            post(&chat, r#"{"messages":[{"role":"user","content":5}]}"#)
+                .await
+                .unwrap(),
             400,
         )
         .await;
         assert_eq!(e["param"], "messages[0]");
         let e = error_of(
-            post(&chat, r#"{"model":"gpt-4","messages":[{"role":"user","content":"hi"}]}"#)
-                .await
-                .unwrap(),
+            post(
+                &chat,
+                r#"{"model":"gpt-4","messages":[{"role":"user","content":"hi"}]}"#,
+            )
+            .await
+            .unwrap(),
             404,
         )
         .await;
         assert_eq!(e["code"], "model_not_found");
         let long: Vec<u32> = vec![42; 8192];
         let e = error_of(
-            post(&cmpl, &json!({"prompt": long}).to_string()).await.unwrap(),
+            post(&cmpl, &json!({"prompt": long}).to_string())
+                .await
+                .unwrap(),
             400,
         )
         .await;
         assert!(e["message"].as_str().unwrap().contains("context"), "{e}");
         let e = error_of(
-            post(&cmpl, &json!({"prompt": [1, 2, 3], "max_tokens": 9000}).to_string())
-                .await
-                .unwrap(),
+            post(
+                &cmpl,
+                &json!({"prompt": [1, 2, 3], "max_tokens": 9000}).to_string(),
+            )
+            .await
+            .unwrap(),
             400,
         )
         .await;
         assert!(e["message"].as_str().unwrap().contains("cannot fit"), "{e}");
         // 64 MiB of f16 KV hold 45 pages (2,880 tokens): a longer request cannot fit.
         let e = error_of(
-            post(&cmpl, &json!({"prompt": [1, 2, 3], "max_tokens": 4000}).to_string())
-                .await
-                .unwrap(),
+            post(
+                &cmpl,
+                &json!({"prompt": [1, 2, 3], "max_tokens": 4000}).to_string(),
+            )
+            .await
+            .unwrap(),
             400,
         )
         .await;
         assert!(e["message"].as_str().unwrap().contains("pool"), "{e}");
         let e = error_of(
-            post(&cmpl, &json!({"prompt": [1, 99999999]}).to_string()).await.unwrap(),
+            post(&cmpl, &json!({"prompt": [1, 99999999]}).to_string())
+                .await
+                .unwrap(),
             400,
         )
         .await;
         assert!(e["message"].as_str().unwrap().contains("vocabulary"), "{e}");
         let e = error_of(
-            post(&cmpl, &json!({"prompt": "hi", "n": 2}).to_string()).await.unwrap(),
+            post(&cmpl, &json!({"prompt": "hi", "n": 2}).to_string())
+                .await
+                .unwrap(),
             400,
         )
         .await;
         assert_eq!(e["param"], "n");
         let e = error_of(
-            post(&cmpl, &json!({"prompt": "hi", "temperature": 7}).to_string())
-                .await
-                .unwrap(),
+            post(
+                &cmpl,
+                &json!({"prompt": "hi", "temperature": 7}).to_string(),
+            )
+            .await
+            .unwrap(),
             400,
         )
         .await;
         assert_eq!(e["param"], "temperature");
         let e = error_of(post(&cmpl, "{}").await.unwrap(), 400).await;
         assert_eq!(e["param"], "prompt");
-        error_of(c.get(format!("{}/v1/nope", s.base)).send().await.unwrap(), 404).await;
+        error_of(
+            c.get(format!("{}/v1/nope", s.base)).send().await.unwrap(),
+            404,
+        )
+        .await;
         // Nothing above reached the scheduler, and the server still serves.
         let v = complete(&c, &s.base, &[1, 2, 3]).await;
         assert_eq!(token_ids(&v).len(), MAX_TOKENS);
         let m = metrics(&c, &s.base).await;
-        assert!(metric(&m, "strata:request_invalid_total").unwrap() >= 12.0, "{m}");
+        assert!(
+            metric(&m, "strata:request_invalid_total").unwrap() >= 12.0,
+            "{m}"
+        );
     });
 }
 
@@ -310,8 +359,10 @@ fn a_client_that_disconnects_mid_stream_frees_its_request_and_pages() {
         let c = client();
         let r = c
             .post(format!("{}/v1/completions", s.base))
-            .json(&json!({"prompt": prompts()[3], "max_tokens": 2000, "ignore_eos": true,
-                          "temperature": 0, "stream": true}))
+            .json(
+                &json!({"prompt": prompts()[3], "max_tokens": 2000, "ignore_eos": true,
+                          "temperature": 0, "stream": true}),
+            )
             .send()
             .await
             .unwrap();
@@ -371,7 +422,10 @@ fn overload_gets_503_with_retry_after_and_the_rest_completes() {
         let ok = got.iter().filter(|g| g.0 == 200).count();
         let busy: Vec<_> = got.iter().filter(|g| g.0 == 503).collect();
         assert_eq!(ok + busy.len(), 200, "only 200s and 503s");
-        assert!(!busy.is_empty(), "200 requests at once against a queue of 64 got no 503");
+        assert!(
+            !busy.is_empty(),
+            "200 requests at once against a queue of 64 got no 503"
+        );
         assert!(ok >= 64, "only {ok} requests were served");
         for (_, retry, v) in &busy {
             assert!(*retry, "a 503 without Retry-After");
@@ -381,7 +435,10 @@ fn overload_gets_503_with_retry_after_and_the_rest_completes() {
             assert_eq!(v["usage"]["completion_tokens"], 4);
         }
         let m = metrics(&c, &s.base).await;
-        assert_eq!(metric(&m, "strata:request_rejected_total"), Some(busy.len() as f64));
+        assert_eq!(
+            metric(&m, "strata:request_rejected_total"),
+            Some(busy.len() as f64)
+        );
         assert_eq!(metric(&m, "strata:num_requests_running"), Some(0.0));
         assert_eq!(metric(&m, "strata:num_requests_waiting"), Some(0.0));
     });
@@ -410,7 +467,10 @@ fn chat_streams_with_usage_and_stop_strings_end_the_text() {
             .json()
             .await
             .unwrap();
-        let text = full["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+        let text = full["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
         assert!(text.len() > 4, "{full}");
         assert_eq!(full["object"], "chat.completion");
         // The same request streamed gives the same text, then a usage chunk and [DONE].
@@ -439,7 +499,10 @@ fn chat_streams_with_usage_and_stop_strings_end_the_text() {
             .collect();
         assert_eq!(streamed, text);
         let usage = &events.last().unwrap()["usage"];
-        assert_eq!(usage["completion_tokens"], full["usage"]["completion_tokens"]);
+        assert_eq!(
+            usage["completion_tokens"],
+            full["usage"]["completion_tokens"]
+        );
         assert!(usage["prompt_tokens_details"]["cached_tokens"].is_u64());
         // A stop string taken from the middle of that text ends the output right before it.
         let cut = text.char_indices().nth(text.chars().count() / 2).unwrap().0;

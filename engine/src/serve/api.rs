@@ -174,7 +174,10 @@ struct Params {
 fn parse_body(body: &Bytes) -> Result<serde_json::Map<String, Value>, ApiError> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ApiError::bad("the request body must be a JSON object", None)),
+        Ok(_) => Err(ApiError::bad(
+            "the request body must be a JSON object",
+            None,
+        )),
         Err(e) => Err(ApiError::bad(
             format!("the request body is not valid JSON: {e}"),
             None,
@@ -220,9 +223,9 @@ fn boolean(m: &serde_json::Map<String, Value>, k: &str) -> Result<bool, ApiError
 
 fn params(s: &AppState, m: &serde_json::Map<String, Value>) -> Result<Params, ApiError> {
     if let Some(v) = get_present(m, "model") {
-        let name = v
-            .as_str()
-            .ok_or_else(|| ApiError::bad(format!("'model' must be a string, got {v}"), Some("model")))?;
+        let name = v.as_str().ok_or_else(|| {
+            ApiError::bad(format!("'model' must be a string, got {v}"), Some("model"))
+        })?;
         if name != s.model_id && name != "default" {
             return Err(ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -241,7 +244,10 @@ fn params(s: &AppState, m: &serde_json::Map<String, Value>) -> Result<Params, Ap
         None => uint(m, "max_tokens")?,
     };
     if max_tokens == Some(0) {
-        return Err(ApiError::bad("'max_tokens' must be at least 1", Some("max_tokens")));
+        return Err(ApiError::bad(
+            "'max_tokens' must be at least 1",
+            Some("max_tokens"),
+        ));
     }
     let temperature = num(m, "temperature")?.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
@@ -263,7 +269,9 @@ fn params(s: &AppState, m: &serde_json::Map<String, Value>) -> Result<Params, Ap
             .as_i64()
             .map(|x| x as u64)
             .or_else(|| v.as_u64())
-            .ok_or_else(|| ApiError::bad(format!("'seed' must be an integer, got {v}"), Some("seed")))?,
+            .ok_or_else(|| {
+                ApiError::bad(format!("'seed' must be an integer, got {v}"), Some("seed"))
+            })?,
     };
     if let Some(n) = uint(m, "n")?
         && n != 1
@@ -277,7 +285,12 @@ fn params(s: &AppState, m: &serde_json::Map<String, Value>) -> Result<Params, Ap
             .iter()
             .map(|x| x.as_str().map(str::to_string))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| ApiError::bad("'stop' must be a string or an array of strings", Some("stop")))?,
+            .ok_or_else(|| {
+                ApiError::bad(
+                    "'stop' must be a string or an array of strings",
+                    Some("stop"),
+                )
+            })?,
         Some(v) => {
             return Err(ApiError::bad(
                 format!("'stop' must be a string or an array of strings, got {v}"),
@@ -320,11 +333,17 @@ fn messages(m: &serde_json::Map<String, Value>) -> Result<Vec<Message>, ApiError
     let Some(v) = get_present(m, "messages") else {
         return Err(ApiError::bad("'messages' is required", Some("messages")));
     };
-    let arr = v
-        .as_array()
-        .ok_or_else(|| ApiError::bad(format!("'messages' must be an array, got {v}"), Some("messages")))?;
+    let arr = v.as_array().ok_or_else(|| {
+        ApiError::bad(
+            format!("'messages' must be an array, got {v}"),
+            Some("messages"),
+        )
+    })?;
     if arr.is_empty() {
-        return Err(ApiError::bad("'messages' must not be empty", Some("messages")));
+        return Err(ApiError::bad(
+            "'messages' must not be empty",
+            Some("messages"),
+        ));
     }
     arr.iter()
         .enumerate()
@@ -379,12 +398,15 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
         let m = parse_body(&body)?;
         let p = params(&s, &m)?;
         let msgs = messages(&m)?;
-        let t = s
-            .engine
-            .chat
-            .as_ref()
-            .ok_or_else(|| ApiError::bad("this model has no chat template; use /v1/completions", Some("messages")))?;
-        let text = t.render(&msgs).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
+        let t = s.engine.chat.as_ref().ok_or_else(|| {
+            ApiError::bad(
+                "this model has no chat template; use /v1/completions",
+                Some("messages"),
+            )
+        })?;
+        let text = t
+            .render(&msgs)
+            .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
         let ids = crate::tokenizer::encode(&s.engine.tokenizer, &text)
             .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
         Ok::<_, ApiError>((p, ids))
@@ -596,7 +618,11 @@ impl Detok {
         let hit = self
             .stop
             .iter()
-            .filter_map(|s| self.text[search_from..].find(s.as_str()).map(|i| search_from + i))
+            .filter_map(|s| {
+                self.text[search_from..]
+                    .find(s.as_str())
+                    .map(|i| search_from + i)
+            })
             .min();
         if let Some(at) = hit {
             // The text before the stop string is released by `flush`.
@@ -622,7 +648,11 @@ impl Detok {
 
     fn release(&mut self, end: usize) -> String {
         let end = floor_char(&self.text, end).max(self.sent);
-        let out = self.text.get(self.sent..end).unwrap_or_default().to_string();
+        let out = self
+            .text
+            .get(self.sent..end)
+            .unwrap_or_default()
+            .to_string();
         self.sent = end;
         out
     }
@@ -794,7 +824,11 @@ async fn complete(mut out: Output, mut rx: mpsc::UnboundedReceiver<Event>) -> Re
     .into_response()
 }
 
-fn stream(mut out: Output, mut rx: mpsc::UnboundedReceiver<Event>, include_usage: bool) -> Response {
+fn stream(
+    mut out: Output,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    include_usage: bool,
+) -> Response {
     let (tx, body_rx) = mpsc::channel::<Result<SseEvent, Infallible>>(16);
     tokio::spawn(async move {
         let send = |v: Value| SseEvent::default().data(v.to_string());

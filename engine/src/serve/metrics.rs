@@ -51,10 +51,15 @@ impl Histogram {
     /// Records one duration.
     pub fn observe(&self, d: Duration) {
         let s = d.as_secs_f64();
-        let i = BUCKETS.iter().position(|b| s <= *b).unwrap_or(BUCKETS.len());
+        let i = BUCKETS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(BUCKETS.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us
-            .fetch_add(d.as_micros().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+        self.sum_us.fetch_add(
+            d.as_micros().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
@@ -147,7 +152,14 @@ impl Metrics {
     }
 
     /// The scheduler's gauges.
-    pub fn set_gauges(&self, running: usize, waiting: usize, used: usize, free: usize, cached: usize) {
+    pub fn set_gauges(
+        &self,
+        running: usize,
+        waiting: usize,
+        used: usize,
+        free: usize,
+        cached: usize,
+    ) {
         self.running.store(running as u64, Ordering::Relaxed);
         self.waiting.store(waiting as u64, Ordering::Relaxed);
         self.pages_used.store(used as u64, Ordering::Relaxed);
@@ -170,8 +182,18 @@ impl Metrics {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         };
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        g(&mut o, "strata:num_requests_running", "Requests in the running batch.", l(&self.running));
-        g(&mut o, "strata:num_requests_waiting", "Requests waiting for admission.", l(&self.waiting));
+        g(
+            &mut o,
+            "strata:num_requests_running",
+            "Requests in the running batch.",
+            l(&self.running),
+        );
+        g(
+            &mut o,
+            "strata:num_requests_waiting",
+            "Requests waiting for admission.",
+            l(&self.waiting),
+        );
         let _ = writeln!(
             o,
             "# HELP strata:kv_pages KV pool pages by state: used (held by a sequence or the cache), free, cached (indexed by the prefix cache), total.\n# TYPE strata:kv_pages gauge"
@@ -190,13 +212,44 @@ impl Metrics {
             "# HELP strata:kv_cache_usage_perc Fraction of KV pool pages in use.\n# TYPE strata:kv_cache_usage_perc gauge\nstrata:kv_cache_usage_perc {}",
             l(&self.pages_used) as f64 / total
         );
-        self.ttft.render(&mut o, "strata:time_to_first_token_seconds", "Arrival to first token.");
-        self.itl.render(&mut o, "strata:inter_token_latency_seconds", "Time between two tokens of a stream.");
-        self.e2e.render(&mut o, "strata:e2e_request_latency_seconds", "Arrival to the last token.");
-        self.queue_time.render(&mut o, "strata:request_queue_time_seconds", "Arrival to admission into the running batch.");
-        c(&mut o, "strata:prompt_tokens_total", "Prompt tokens of finished requests.", self.prompt_tokens.get());
-        c(&mut o, "strata:generation_tokens_total", "Tokens generated.", self.generation_tokens.get());
-        c(&mut o, "strata:prefill_tokens_total", "Tokens run through prefill (cached prefixes are not).", self.prefill_tokens.get());
+        self.ttft.render(
+            &mut o,
+            "strata:time_to_first_token_seconds",
+            "Arrival to first token.",
+        );
+        self.itl.render(
+            &mut o,
+            "strata:inter_token_latency_seconds",
+            "Time between two tokens of a stream.",
+        );
+        self.e2e.render(
+            &mut o,
+            "strata:e2e_request_latency_seconds",
+            "Arrival to the last token.",
+        );
+        self.queue_time.render(
+            &mut o,
+            "strata:request_queue_time_seconds",
+            "Arrival to admission into the running batch.",
+        );
+        c(
+            &mut o,
+            "strata:prompt_tokens_total",
+            "Prompt tokens of finished requests.",
+            self.prompt_tokens.get(),
+        );
+        c(
+            &mut o,
+            "strata:generation_tokens_total",
+            "Tokens generated.",
+            self.generation_tokens.get(),
+        );
+        c(
+            &mut o,
+            "strata:prefill_tokens_total",
+            "Tokens run through prefill (cached prefixes are not).",
+            self.prefill_tokens.get(),
+        );
         let _ = writeln!(
             o,
             "# HELP strata:cached_tokens_total Prompt tokens served from the cache instead of prefill, by tier.\n# TYPE strata:cached_tokens_total counter"
@@ -210,13 +263,48 @@ impl Metrics {
             self.finished_stop.get(),
             self.finished_length.get()
         );
-        c(&mut o, "strata:request_cancelled_total", "Requests cancelled because the client went away.", self.cancelled.get());
-        c(&mut o, "strata:request_rejected_total", "Requests refused with 503 because the waiting queue was full.", self.rejected.get());
-        c(&mut o, "strata:request_invalid_total", "Requests refused with 4xx.", self.bad_requests.get());
-        c(&mut o, "strata:num_preemptions_total", "Sequences preempted for lack of KV pages.", self.preemptions.get());
-        c(&mut o, "strata:kv_evictions_total", "Cached pages evicted from the KV pool.", self.evictions.get());
-        c(&mut o, "strata:kv_pages_stored_total", "Full pages stored in the prefix cache.", self.cache_stored.get());
-        c(&mut o, "strata:kv_store_errors_total", "Page stores the cache refused.", self.cache_store_errors.get());
+        c(
+            &mut o,
+            "strata:request_cancelled_total",
+            "Requests cancelled because the client went away.",
+            self.cancelled.get(),
+        );
+        c(
+            &mut o,
+            "strata:request_rejected_total",
+            "Requests refused with 503 because the waiting queue was full.",
+            self.rejected.get(),
+        );
+        c(
+            &mut o,
+            "strata:request_invalid_total",
+            "Requests refused with 4xx.",
+            self.bad_requests.get(),
+        );
+        c(
+            &mut o,
+            "strata:num_preemptions_total",
+            "Sequences preempted for lack of KV pages.",
+            self.preemptions.get(),
+        );
+        c(
+            &mut o,
+            "strata:kv_evictions_total",
+            "Cached pages evicted from the KV pool.",
+            self.evictions.get(),
+        );
+        c(
+            &mut o,
+            "strata:kv_pages_stored_total",
+            "Full pages stored in the prefix cache.",
+            self.cache_stored.get(),
+        );
+        c(
+            &mut o,
+            "strata:kv_store_errors_total",
+            "Page stores the cache refused.",
+            self.cache_store_errors.get(),
+        );
         o
     }
 }

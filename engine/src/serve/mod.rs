@@ -129,10 +129,12 @@ pub async fn serve(
     let mut app = api::router(state);
     if let Some(key) = cfg.api_key.clone().filter(|k| !k.is_empty()) {
         let key: Arc<str> = key.into();
-        app = app.layer(axum::middleware::from_fn(move |req: Request, next: Next| {
-            let key = key.clone();
-            async move { authorize(&key, req, next).await }
-        }));
+        app = app.layer(axum::middleware::from_fn(
+            move |req: Request, next: Next| {
+                let key = key.clone();
+                async move { authorize(&key, req, next).await }
+            },
+        ));
     }
     let listener = tokio::net::TcpListener::bind(cfg.addr)
         .await

@@ -279,7 +279,10 @@ impl Scheduler {
             self.publish();
         }
         for mut a in self.running.drain(..).chain(self.waiting.drain(..)) {
-            let _ = a.job.events.send(Event::Failed("the server is shutting down".into()));
+            let _ = a
+                .job
+                .events
+                .send(Event::Failed("the server is shutting down".into()));
             self.pool.release(&mut a.seq);
         }
     }
@@ -509,8 +512,7 @@ impl Scheduler {
             if a.job.events.send(Event::Token(next)).is_err() {
                 continue; // cancelled: dropped before the next step
             }
-            if a.generated >= a.job.max_tokens
-                || a.tokens.len() >= self.engine.model.config.ctx_len
+            if a.generated >= a.job.max_tokens || a.tokens.len() >= self.engine.model.config.ctx_len
             {
                 finished.push((i, Finish::Length));
             }
@@ -521,7 +523,8 @@ impl Scheduler {
             self.pool.release(&mut a.seq);
             a.pin = None;
             a.usage.completion_tokens = a.generated;
-            self.metrics.finished(why, a.job.arrived.elapsed(), &a.usage);
+            self.metrics
+                .finished(why, a.job.arrived.elapsed(), &a.usage);
             let _ = a.job.events.send(Event::Done(why, a.usage.clone()));
         }
         Ok(())
