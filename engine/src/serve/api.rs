@@ -394,7 +394,11 @@ fn messages(m: &serde_json::Map<String, Value>) -> Result<Vec<Message>, ApiError
 }
 
 async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    let r = (|| {
+    // Parsing, the chat template and tokenizing a prompt of up to {MAX_BODY} bytes are
+    // CPU work: off the async workers.
+    let st = s.clone();
+    let r = blocking(move || {
+        let s = st;
         let m = parse_body(&body)?;
         let p = params(&s, &m)?;
         let msgs = messages(&m)?;
@@ -410,7 +414,8 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
         let ids = crate::tokenizer::encode(&s.engine.tokenizer, &text)
             .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
         Ok::<_, ApiError>((p, ids))
-    })();
+    })
+    .await;
     match r {
         Ok((p, ids)) => run(s, p, ids, Kind::Chat).await,
         Err(e) => {
@@ -421,7 +426,11 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
 }
 
 async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    let r = (|| {
+    // Parsing, the chat template and tokenizing a prompt of up to {MAX_BODY} bytes are
+    // CPU work: off the async workers.
+    let st = s.clone();
+    let r = blocking(move || {
+        let s = st;
         let m = parse_body(&body)?;
         let p = params(&s, &m)?;
         let bad = || {
@@ -458,7 +467,8 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
             Some(_) => return Err(bad()),
         };
         Ok::<_, ApiError>((p, ids))
-    })();
+    })
+    .await;
     match r {
         Ok((p, ids)) => run(s, p, ids, Kind::Text).await,
         Err(e) => {
@@ -466,6 +476,21 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
             e.into_response()
         }
     }
+}
+
+/// Runs `f` on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: format!("request preparation failed: {e}"),
+            kind: "server_error",
+            param: None,
+            code: None,
+        })
+    })
 }
 
 #[derive(Clone, Copy)]
