@@ -6,7 +6,9 @@
 //!   (memcmp, memcpy, fio, llama.cpp, ...) in the same run, prints progress to stderr and
 //!   ends with one line per figure on stdout: `RESULT <name> <value> <unit>`.
 //! - `strata-bench run <workload>` and `strata-bench compare` drive OpenAI-compatible
-//!   servers with TTFT-study workloads (see the `serve` module).
+//!   servers with TTFT-study workloads (see the `serve` module); `strata-bench serve-study`
+//!   starts `strata-engine serve` and llama.cpp's `llama-server` itself and compares them
+//!   (see `serve::study`).
 //! - `strata-bench soak` runs the real sidecar under many clients and a fault schedule,
 //!   checking every byte (see `strata_bench::soak`).
 
@@ -65,6 +67,9 @@ enum Cmd {
         #[command(subcommand)]
         workload: serve::workload::Workload,
     },
+    /// Strata's `strata-engine serve` against llama.cpp's `llama-server`, both started here
+    /// one at a time: multi-turn TTFT, decode batching, a request-rate sweep.
+    ServeStudy(serve::study::StudyArgs),
     /// Micro benchmarks of one component against a baseline measured in the same run.
     Micro {
         /// Which suite.
@@ -192,6 +197,7 @@ fn main() -> anyhow::Result<()> {
             output,
             workload,
         )?,
+        Cmd::ServeStudy(a) => serve::study::run(a)?,
         Cmd::Micro {
             suite,
             quick,

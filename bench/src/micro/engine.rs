@@ -22,11 +22,11 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Builds (once) and returns llama.cpp's `llama-bench`.
-fn llama_bench() -> anyhow::Result<PathBuf> {
+/// Builds (once) and returns llama.cpp's `llama-bench` (`llama-server` lies beside it).
+pub(crate) fn llama_bench() -> anyhow::Result<PathBuf> {
     let script = repo().join("bench/scripts/build-llamacpp.sh");
     eprintln!(
-        "engine: building llama.cpp with {} (first run only; takes minutes)",
+        "llama.cpp: building it with {} (first run only; takes minutes)",
         script.display()
     );
     let out = Command::new("bash")
@@ -113,16 +113,13 @@ fn run_strata(e: &Engine, pp: usize, tg: usize, reps: usize) -> anyhow::Result<(
         let prompt = tokens(pp);
         let mut seq = Sequence::new();
         let t0 = Instant::now();
-        e.model
-            .forward(&pool, &mut seq, &prompt, Logits::Last)?;
+        e.model.forward(&pool, &mut seq, &prompt, Logits::Last)?;
         let pp_s = t0.elapsed().as_secs_f64();
         pool.release(&mut seq);
         let mut next = tokens(1)[0];
         let t1 = Instant::now();
         for _ in 0..tg {
-            let logits = e
-                .model
-                .forward(&pool, &mut seq, &[next], Logits::Last)?;
+            let logits = e.model.forward(&pool, &mut seq, &[next], Logits::Last)?;
             next = strata_engine::sampler::argmax(&logits);
         }
         let tg_s = t1.elapsed().as_secs_f64();

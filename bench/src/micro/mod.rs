@@ -1,7 +1,7 @@
 //! Micro suites.
 
 mod disk;
-mod engine;
+pub(crate) mod engine;
 mod host;
 mod index;
 mod sidecar;

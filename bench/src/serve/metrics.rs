@@ -102,6 +102,11 @@ impl Summary {
         self.completed() as f64 / self.duration.max(1e-9)
     }
 
+    /// Generated tokens of the successful requests per second.
+    pub fn output_throughput(&self) -> f64 {
+        self.ok().map(|o| o.output_tokens).sum::<usize>() as f64 / self.duration.max(1e-9)
+    }
+
     /// TTFT minus the server's own prompt time (`timings.prompt_ms`), ms, for the successful
     /// requests whose server reports it: what the client adds (network, HTTP, queueing).
     pub fn ttft_minus_server(&self) -> Vec<f64> {
@@ -179,10 +184,7 @@ impl Summary {
             "input_throughput".into(),
             json!(total_in as f64 / self.duration.max(1e-9)),
         );
-        m.insert(
-            "output_throughput".into(),
-            json!(total_out as f64 / self.duration.max(1e-9)),
-        );
+        m.insert("output_throughput".into(), json!(self.output_throughput()));
         m.insert(
             "total_token_throughput".into(),
             json!((total_in + total_out) as f64 / self.duration.max(1e-9)),

@@ -11,6 +11,7 @@
 pub mod client;
 pub mod metrics;
 pub mod plot;
+pub mod study;
 pub mod workload;
 
 use std::path::PathBuf;
@@ -277,28 +278,13 @@ pub async fn run_once(
                 let (ctx, words, m, barrier) =
                     (ctx.clone(), words.clone(), m.clone(), barrier.clone());
                 tasks.push(tokio::spawn(async move {
-                    let mut rng = Rng((seed ^ 0x5EED)
-                        .wrapping_add(1)
-                        .wrapping_add((c as u64).wrapping_mul(7919))
-                        | 1);
-                    let mut history = vec![user(words.text(&mut rng, m.first_len))];
-                    let mut tokens = m.first_len;
+                    let mut conv = workload::Conversation::new(&words, &m, seed, c);
                     for round in 0..m.rounds {
                         if m.barrier {
                             barrier.wait().await;
                         }
-                        let req = Request {
-                            messages: history.clone(),
-                            input_tokens: tokens,
-                            output_tokens: m.output_len,
-                        };
-                        let out = ctx.issue(req, round, c, false, true).await;
-                        history.push(Msg {
-                            role: "assistant",
-                            content: out.text.clone(),
-                        });
-                        history.push(user(words.text(&mut rng, m.new_tokens)));
-                        tokens += out.output_tokens + m.new_tokens;
+                        let out = ctx.issue(conv.request(), round, c, false, true).await;
+                        conv.reply(&words, out.text, out.output_tokens);
                     }
                 }));
             }
@@ -515,10 +501,22 @@ pub fn run(t: TargetArgs, l: LoadArgs, o: OutputArgs, w: Workload) -> anyhow::Re
         print!("{}", s.table(&title));
         runs.push((*rate, s));
     }
+    write_outputs(&t, &l, &o, &w, &runs)
+}
+
+/// Writes what `o` asks for (result JSON, per-request CSV, plots) of `runs`, (rate, summary)
+/// pairs of workload `w`.
+fn write_outputs(
+    t: &TargetArgs,
+    l: &LoadArgs,
+    o: &OutputArgs,
+    w: &Workload,
+    runs: &[(f64, Summary)],
+) -> anyhow::Result<()> {
     if let Some(path) = &o.save_result {
         let j: Vec<Value> = runs
             .iter()
-            .map(|(r, s)| s.to_json(meta(&t, &w, &o.label, *r, &l)))
+            .map(|(r, s)| s.to_json(meta(t, w, &o.label, *r, l)))
             .collect();
         let v = if j.len() == 1 {
             j.into_iter().next().expect("one")
@@ -544,7 +542,7 @@ pub fn run(t: TargetArgs, l: LoadArgs, o: OutputArgs, w: Workload) -> anyhow::Re
     }
     if let Some(dir) = &o.plots {
         std::fs::create_dir_all(dir)?;
-        write_plots(dir, &o.label, &runs)?;
+        write_plots(dir, &o.label, runs)?;
         eprintln!("plots: {}", dir.display());
     }
     Ok(())

@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 
+use super::client::{Msg, Request};
 use crate::stats::Rng;
 
 /// Text of an exact number of tokens: words drawn from the tokenizer's own vocabulary
@@ -95,6 +96,74 @@ pub struct MultiTurn {
     /// Every conversation finishes round r before any starts round r + 1.
     #[arg(long)]
     pub barrier: bool,
+    /// Tokens of a system prompt shared by every conversation (the same text, the first
+    /// message of every request); 0 = none.
+    #[arg(long, default_value_t = 0)]
+    pub system_len: usize,
+}
+
+/// One multi-turn conversation: the history so far and the next request.
+pub struct Conversation {
+    rng: Rng,
+    history: Vec<Msg>,
+    /// Prompt tokens of the next request as the workload counts them.
+    tokens: usize,
+    new_tokens: usize,
+    output_len: usize,
+}
+
+impl Conversation {
+    /// Conversation `client` of `m` under `seed`: the shared system prompt (if any), then
+    /// the first user message.
+    pub fn new(words: &Words, m: &MultiTurn, seed: u64, client: usize) -> Self {
+        let mut rng = Rng((seed ^ 0x5EED)
+            .wrapping_add(1)
+            .wrapping_add((client as u64).wrapping_mul(7919))
+            | 1);
+        let mut history = Vec::new();
+        if m.system_len > 0 {
+            // Its own generator, seeded without the client: every conversation gets the same
+            // text, and the per-client texts stay what they are without a system prompt.
+            let mut sys = Rng((seed ^ 0x5957_E3F0).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            history.push(Msg {
+                role: "system",
+                content: words.text(&mut sys, m.system_len),
+            });
+        }
+        history.push(Msg {
+            role: "user",
+            content: words.text(&mut rng, m.first_len),
+        });
+        Conversation {
+            rng,
+            history,
+            tokens: m.system_len + m.first_len,
+            new_tokens: m.new_tokens,
+            output_len: m.output_len,
+        }
+    }
+
+    /// The next request: the whole history.
+    pub fn request(&self) -> Request {
+        Request {
+            messages: self.history.clone(),
+            input_tokens: self.tokens,
+            output_tokens: self.output_len,
+        }
+    }
+
+    /// Appends the server's reply (`output_tokens` long) and the next user message.
+    pub fn reply(&mut self, words: &Words, text: String, output_tokens: usize) {
+        self.history.push(Msg {
+            role: "assistant",
+            content: text,
+        });
+        self.history.push(Msg {
+            role: "user",
+            content: words.text(&mut self.rng, self.new_tokens),
+        });
+        self.tokens += output_tokens + self.new_tokens;
+    }
 }
 
 /// Long-document question answering.
@@ -274,6 +343,82 @@ mod tests {
         let w = words();
         let t = w.text(&mut Rng(5), 37);
         assert_eq!(t.split(' ').skip(1).count(), 37);
+    }
+
+    fn multi_turn(system_len: usize) -> MultiTurn {
+        MultiTurn {
+            clients: 3,
+            rounds: 3,
+            first_len: 5,
+            new_tokens: 4,
+            output_len: 2,
+            barrier: false,
+            system_len,
+        }
+    }
+
+    /// Plays `rounds` rounds of every conversation with fixed replies; every request sent.
+    fn play(w: &Words, m: &MultiTurn, seed: u64) -> Vec<Vec<Request>> {
+        (0..m.clients)
+            .map(|c| {
+                let mut conv = Conversation::new(w, m, seed, c);
+                (0..m.rounds)
+                    .map(|r| {
+                        let req = conv.request();
+                        conv.reply(w, format!(" reply{c}x{r}"), 2);
+                        req
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_system_prompt_opens_every_request_of_every_conversation() {
+        let w = words();
+        let m = multi_turn(16);
+        let convs = play(&w, &m, 7);
+        let system = &convs[0][0].messages[0];
+        assert_eq!(system.role, "system");
+        assert_eq!(system.content.split(' ').skip(1).count(), 16);
+        for (c, reqs) in convs.iter().enumerate() {
+            for (r, req) in reqs.iter().enumerate() {
+                assert_eq!(req.messages[0].role, "system", "conversation {c} round {r}");
+                assert_eq!(req.messages[0].content, system.content);
+                assert_eq!(
+                    req.messages.iter().filter(|m| m.role == "system").count(),
+                    1
+                );
+                // System, then user/assistant pairs, ending with the new user message.
+                assert_eq!(req.messages.len(), 2 + 2 * r);
+                assert_eq!(req.input_tokens, 16 + 5 + r * (2 + 4));
+            }
+        }
+        assert_ne!(
+            convs[0][0].messages[1].content, convs[1][0].messages[1].content,
+            "conversations differ after the system prompt"
+        );
+        let other = play(&w, &m, 8);
+        assert_ne!(other[0][0].messages[0].content, system.content, "seeded");
+    }
+
+    #[test]
+    fn without_a_system_prompt_conversations_are_unchanged() {
+        let w = words();
+        let (with, without) = (play(&w, &multi_turn(16), 7), play(&w, &multi_turn(0), 7));
+        for (a, b) in with.iter().zip(&without) {
+            let last = (a.last().expect("rounds"), b.last().expect("rounds"));
+            assert_eq!(last.1.messages[0].role, "user");
+            assert_eq!(last.0.messages.len(), last.1.messages.len() + 1);
+            let texts = |req: &Request, skip: usize| {
+                req.messages[skip..]
+                    .iter()
+                    .map(|m| m.content.clone())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(texts(last.0, 1), texts(last.1, 0));
+            assert_eq!(last.0.input_tokens, last.1.input_tokens + 16);
+        }
     }
 
     #[test]
