@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::sidecar::built_binary;
+use crate::sidecar::{built_binary, rss_of, terminate_child};
 
 /// The real model (SmolLM2-135M-Instruct Q4_1), fetched into the git-ignored `models/` of
 /// the workspace on first use (`$STRATA_MODELS_DIR` overrides). A failed fetch fails the
@@ -97,38 +97,23 @@ impl EngineServer {
 
     /// The server's resident memory (VmRSS), in bytes.
     pub fn rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("reading the server's /proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .expect("VmRSS in /proc status")
-            * 1024
+        rss_of(&self.child)
     }
 
     /// Sends SIGTERM and waits; returns whether it exited cleanly.
     pub fn terminate(mut self) -> bool {
-        // SAFETY: kill with a pid we own and a valid signal number.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return st.success();
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        terminate_child(&mut self.child)
     }
 }
 
 impl Drop for EngineServer {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "strata-engine serve log (the test failed):\n{}",
+                self.log.lock().join("\n")
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

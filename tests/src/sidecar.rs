@@ -206,14 +206,7 @@ impl Sidecar {
 
     /// The sidecar's resident memory (VmRSS), in bytes.
     pub fn rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("reading the sidecar's /proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .expect("VmRSS in /proc status")
-            * 1024
+        rss_of(&self.child)
     }
 
     /// Whether the process is still running.
@@ -223,21 +216,39 @@ impl Sidecar {
 
     /// Sends SIGTERM and waits for the process to exit; returns whether it exited cleanly.
     pub fn terminate(mut self) -> bool {
-        // SAFETY: kill with a pid we own and a valid signal number.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        terminate_child(&mut self.child)
+    }
+}
+
+/// The resident memory (VmRSS) of a child process, in bytes.
+pub fn rss_of(child: &Child) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+        .expect("reading the child's /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS in /proc status")
+        * 1024
+}
+
+/// Sends SIGTERM to a child and waits up to 30 s for it to exit (then kills it); returns
+/// whether it exited cleanly.
+pub fn terminate_child(child: &mut Child) -> bool {
+    // SAFETY: kill with a pid we own and a valid signal number.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return st.success();
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return st.success();
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return false;
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -213,141 +213,119 @@ fn a_request_that_extends_another_prefills_only_its_new_tokens() {
     });
 }
 
-async fn error_of(r: reqwest::Response, status: u16) -> Value {
-    assert_eq!(r.status().as_u16(), status);
-    let v: Value = r.json().await.unwrap();
-    let e = &v["error"];
-    assert!(e["message"].is_string() && e["type"].is_string(), "{v}");
-    assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
-    e.clone()
+/// What a refused request must answer: status, and the `param` it names or a phrase its
+/// message contains.
+enum Names {
+    Param(&'static str),
+    Message(&'static str),
+    Code(&'static str),
 }
 
 #[test]
 fn bad_input_gets_openai_shaped_errors_that_name_the_problem() {
+    use Names::*;
     let s = EngineServer::start(&["--kv-memory-mib", "64"]);
+    let long = json!({"prompt": vec![42u32; 8192]}).to_string();
+    // 64 MiB of f16 KV hold 45 pages (2,880 tokens): a longer request cannot fit the pool.
+    let cases: Vec<(&str, String, u16, Names)> = vec![
+        (
+            "chat",
+            "{\"messages\": [".into(),
+            400,
+            Message("not valid JSON"),
+        ),
+        (
+            "chat",
+            r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":"ten"}"#.into(),
+            400,
+            Param("max_tokens"),
+        ),
+        (
+            "chat",
+            r#"{"messages":[]}"#.into(),
+            400,
+            Message("must not be empty"),
+        ),
+        (
+            "chat",
+            r#"{"messages":[{"role":"user","content":5}]}"#.into(),
+            400,
+            Param("messages[0]"),
+        ),
+        (
+            "chat",
+            r#"{"model":"gpt-4","messages":[{"role":"user","content":"hi"}]}"#.into(),
+            404,
+            Code("model_not_found"),
+        ),
+        ("cmpl", long, 400, Message("context")),
+        (
+            "cmpl",
+            json!({"prompt": [1, 2, 3], "max_tokens": 9000}).to_string(),
+            400,
+            Message("cannot fit"),
+        ),
+        (
+            "cmpl",
+            json!({"prompt": [1, 2, 3], "max_tokens": 4000}).to_string(),
+            400,
+            Message("pool"),
+        ),
+        (
+            "cmpl",
+            json!({"prompt": [1, 99999999]}).to_string(),
+            400,
+            Message("vocabulary"),
+        ),
+        (
+            "cmpl",
+            json!({"prompt": "hi", "n": 2}).to_string(),
+            400,
+            Param("n"),
+        ),
+        (
+            "cmpl",
+            json!({"prompt": "hi", "temperature": 7}).to_string(),
+            400,
+            Param("temperature"),
+        ),
+        ("cmpl", "{}".into(), 400, Param("prompt")),
+        ("nope", "{}".into(), 404, Code("not_found")),
+    ];
     rt().block_on(async {
         let c = client();
-        let chat = format!("{}/v1/chat/completions", s.base);
-        let cmpl = format!("{}/v1/completions", s.base);
-        let post = |url: &str, body: &str| {
-            c.post(url)
+        for (what, body, status, names) in &cases {
+            let path = match *what {
+                "chat" => "/v1/chat/completions",
+                "cmpl" => "/v1/completions",
+                _ => "/v1/nope",
+            };
+            let r = c
+                .post(format!("{}{path}", s.base))
                 .header("content-type", "application/json")
-                .body(body.to_string())
+                .body(body.clone())
                 .send()
-        };
-        let e = error_of(post(&chat, "{\"messages\": [").await.unwrap(), 400).await;
-        assert!(
-            e["message"].as_str().unwrap().contains("not valid JSON"),
-            "{e}"
-        );
-        let e = error_of(
-            post(
-                &chat,
-                r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":"ten"}"#,
-            )
-            .await
-            .unwrap(),
-            400,
-        )
-        .await;
-        assert_eq!(e["param"], "max_tokens");
-        let e = error_of(post(&chat, r#"{"messages":[]}"#).await.unwrap(), 400).await;
-        assert!(
-            e["message"].as_str().unwrap().contains("must not be empty"),
-            "{e}"
-        );
-        let e = error_of(
-            post(&chat, r#"{"messages":[{"role":"user","content":5}]}"#)
                 .await
-                .unwrap(),
-            400,
-        )
-        .await;
-        assert_eq!(e["param"], "messages[0]");
-        let e = error_of(
-            post(
-                &chat,
-                r#"{"model":"gpt-4","messages":[{"role":"user","content":"hi"}]}"#,
-            )
-            .await
-            .unwrap(),
-            404,
-        )
-        .await;
-        assert_eq!(e["code"], "model_not_found");
-        let long: Vec<u32> = vec![42; 8192];
-        let e = error_of(
-            post(&cmpl, &json!({"prompt": long}).to_string())
-                .await
-                .unwrap(),
-            400,
-        )
-        .await;
-        assert!(e["message"].as_str().unwrap().contains("context"), "{e}");
-        let e = error_of(
-            post(
-                &cmpl,
-                &json!({"prompt": [1, 2, 3], "max_tokens": 9000}).to_string(),
-            )
-            .await
-            .unwrap(),
-            400,
-        )
-        .await;
-        assert!(e["message"].as_str().unwrap().contains("cannot fit"), "{e}");
-        // 64 MiB of f16 KV hold 45 pages (2,880 tokens): a longer request cannot fit.
-        let e = error_of(
-            post(
-                &cmpl,
-                &json!({"prompt": [1, 2, 3], "max_tokens": 4000}).to_string(),
-            )
-            .await
-            .unwrap(),
-            400,
-        )
-        .await;
-        assert!(e["message"].as_str().unwrap().contains("pool"), "{e}");
-        let e = error_of(
-            post(&cmpl, &json!({"prompt": [1, 99999999]}).to_string())
-                .await
-                .unwrap(),
-            400,
-        )
-        .await;
-        assert!(e["message"].as_str().unwrap().contains("vocabulary"), "{e}");
-        let e = error_of(
-            post(&cmpl, &json!({"prompt": "hi", "n": 2}).to_string())
-                .await
-                .unwrap(),
-            400,
-        )
-        .await;
-        assert_eq!(e["param"], "n");
-        let e = error_of(
-            post(
-                &cmpl,
-                &json!({"prompt": "hi", "temperature": 7}).to_string(),
-            )
-            .await
-            .unwrap(),
-            400,
-        )
-        .await;
-        assert_eq!(e["param"], "temperature");
-        let e = error_of(post(&cmpl, "{}").await.unwrap(), 400).await;
-        assert_eq!(e["param"], "prompt");
-        error_of(
-            c.get(format!("{}/v1/nope", s.base)).send().await.unwrap(),
-            404,
-        )
-        .await;
+                .unwrap();
+            assert_eq!(r.status().as_u16(), *status, "{path} {body:.80}");
+            let v: Value = r.json().await.unwrap();
+            let e = &v["error"];
+            assert!(e["message"].is_string() && e["type"].is_string(), "{v}");
+            assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
+            match names {
+                Param(p) => assert_eq!(e["param"], *p, "{v}"),
+                Message(m) => assert!(e["message"].as_str().unwrap().contains(m), "{v}"),
+                Code(k) => assert_eq!(e["code"], *k, "{v}"),
+            }
+        }
         // Nothing above reached the scheduler, and the server still serves.
         let v = complete(&c, &s.base, &[1, 2, 3]).await;
         assert_eq!(token_ids(&v).len(), MAX_TOKENS);
         let m = metrics(&c, &s.base).await;
-        assert!(
-            metric(&m, "strata:request_invalid_total").unwrap() >= 12.0,
-            "{m}"
+        assert_eq!(
+            metric(&m, "strata:request_invalid_total"),
+            Some((cases.len() - 1) as f64),
+            "every refused request but the unknown route is counted: {m}"
         );
     });
 }

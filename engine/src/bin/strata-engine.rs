@@ -57,6 +57,38 @@ struct Common {
     kv_dtype: KvDtype,
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Address to listen on. Anything but loopback needs --api-key.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// TCP port (0 picks a free one).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Bearer token every request but /health must carry (also STRATA_API_KEY).
+    #[arg(long, env = "STRATA_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The model name clients send (and /v1/models lists); "default" is accepted too.
+    /// Default: the model file's name without extension.
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// KV pool size in MiB (pages of --page-size tokens; the prefix cache lives in the
+    /// pages that no running request holds).
+    #[arg(long, default_value_t = 2048)]
+    kv_memory_mib: usize,
+    /// Most requests in the running batch.
+    #[arg(long, default_value_t = 16)]
+    max_running: usize,
+    /// Most requests waiting for a place in the batch; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    max_waiting: usize,
+    /// Turn the prefix cache off: every prompt is prefilled in full, nothing is stored.
+    #[arg(long)]
+    no_prefix_cache: bool,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Generate a continuation of a prompt, streamed to stdout.
@@ -84,36 +116,7 @@ enum Cmd {
     },
     /// Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models,
     /// /health, /metrics) with continuous batching and a prefix cache over the KV pool.
-    Serve {
-        #[command(flatten)]
-        common: Common,
-        /// Address to listen on. Anything but loopback needs --api-key.
-        #[arg(long, default_value = "127.0.0.1")]
-        host: std::net::IpAddr,
-        /// TCP port (0 picks a free one).
-        #[arg(long, default_value_t = 8000)]
-        port: u16,
-        /// Bearer token every request but /health must carry (also STRATA_API_KEY).
-        #[arg(long, env = "STRATA_API_KEY", hide_env_values = true)]
-        api_key: Option<String>,
-        /// The model name clients send (and /v1/models lists); "default" is accepted too.
-        /// Default: the model file's name without extension.
-        #[arg(long)]
-        served_model_name: Option<String>,
-        /// KV pool size in MiB (pages of --page-size tokens; the prefix cache lives in the
-        /// pages that no running request holds).
-        #[arg(long, default_value_t = 2048)]
-        kv_memory_mib: usize,
-        /// Most requests in the running batch.
-        #[arg(long, default_value_t = 16)]
-        max_running: usize,
-        /// Most requests waiting for a place in the batch; more get 503 with Retry-After.
-        #[arg(long, default_value_t = 64)]
-        max_waiting: usize,
-        /// Turn the prefix cache off: every prompt is prefilled in full, nothing is stored.
-        #[arg(long)]
-        no_prefix_cache: bool,
-    },
+    Serve(ServeArgs),
     /// Print the perplexity of a text file (every token after the first scored).
     Perplexity {
         #[command(flatten)]
@@ -170,18 +173,19 @@ fn load_engine(common: &Common) -> Result<(Engine, PathBuf)> {
     Ok((engine, path))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn serve(
-    common: Common,
-    host: std::net::IpAddr,
-    port: u16,
-    api_key: Option<String>,
-    served_model_name: Option<String>,
-    kv_memory_mib: usize,
-    max_running: usize,
-    max_waiting: usize,
-    prefix_cache: bool,
-) -> Result<()> {
+fn serve(args: ServeArgs) -> Result<()> {
+    let ServeArgs {
+        common,
+        host,
+        port,
+        api_key,
+        served_model_name,
+        kv_memory_mib,
+        max_running,
+        max_waiting,
+        no_prefix_cache,
+    } = args;
+    let prefix_cache = !no_prefix_cache;
     anyhow::ensure!(max_running > 0, "--max-running must be at least 1");
     let (engine, path) = load_engine(&common)?;
     describe(&engine, &path, &common);
@@ -319,27 +323,7 @@ fn main() -> Result<()> {
                 }
             );
         }
-        Cmd::Serve {
-            common,
-            host,
-            port,
-            api_key,
-            served_model_name,
-            kv_memory_mib,
-            max_running,
-            max_waiting,
-            no_prefix_cache,
-        } => serve(
-            common,
-            host,
-            port,
-            api_key,
-            served_model_name,
-            kv_memory_mib,
-            max_running,
-            max_waiting,
-            !no_prefix_cache,
-        )?,
+        Cmd::Serve(args) => serve(args)?,
         Cmd::Perplexity { common, file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;

@@ -771,7 +771,7 @@ impl Output {
 
     fn timings(&self) -> Value {
         json!({
-            "prompt_n": self.prompt_len - self.cached,
+            "prompt_n": self.prompt_len.saturating_sub(self.cached),
             "cache_n": self.cached,
             "prompt_ms": self.prefill.map(|d| d.as_secs_f64() * 1e3),
             "predicted_n": self.text.ids.len(),

@@ -185,6 +185,9 @@ struct Active {
     /// Counted in the HTTP side's waiting count (until first admitted).
     counted: bool,
     started: bool,
+    /// Preempted at least once: pages it attaches after that are its own earlier work, not
+    /// cache hits of its prompt.
+    preempted: bool,
     prefill_started: Option<Instant>,
     last_token: Option<Instant>,
 }
@@ -303,6 +306,7 @@ impl Scheduler {
             },
             counted: true,
             started: false,
+            preempted: false,
             prefill_started: None,
             last_token: None,
             job,
@@ -442,6 +446,7 @@ impl Scheduler {
             self.pool.release(&mut v.seq);
             v.pin = None;
             v.stored_pages = 0;
+            v.preempted = true;
             self.metrics.preemptions.inc();
             self.waiting.push_front(v);
         };
@@ -561,8 +566,13 @@ impl Scheduler {
             }
             a.stored_pages = at / ps + added;
             a.pin = Some(pin);
-            a.usage.cached_tokens += added * ps;
-            self.metrics.cached_tokens(added * ps);
+            if !a.preempted {
+                // Pages of the prompt that another request computed meanwhile.
+                let prompt_pages = (a.usage.prompt_tokens / ps).saturating_sub(at / ps);
+                let hits = added.min(prompt_pages) * ps;
+                a.usage.cached_tokens += hits;
+                self.metrics.cached_tokens(hits);
+            }
         }
     }
 
