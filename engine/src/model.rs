@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use strata_cache_core::{KvLayout, KvShape, Namespace, TpShape};
 use strata_kernels::ops::{Rope, add_inplace, rmsnorm_rows_inplace, silu_mul};
 use strata_kernels::{
-    AttnShape, DType, RopeLayout, WeightMatrix, matmul, matmul_many, paged_attention,
+    AttnItem, AttnShape, DType, RopeLayout, WeightMatrix, matmul, matmul_many, paged_attention_many,
 };
 
 use crate::EngineError;
@@ -784,21 +784,21 @@ impl Model {
                 .for_each(|(r, p)| self.rope.apply(r, *p));
             for (i, it) in items.iter().enumerate() {
                 let (a, b) = (offs[i], offs[i + 1]);
-                let start = it.seq.len();
                 pool.write_kv(
                     it.seq,
                     li,
-                    start,
+                    it.seq.len(),
                     &k[a * kv_dim..b * kv_dim],
                     &v[a * kv_dim..b * kv_dim],
                 );
-                let (qi, oi) = (&q[a * q_dim..b * q_dim], &mut att[a * q_dim..b * q_dim]);
-                match pool.layer_pages(it.seq, li) {
-                    LayerPages::F16(pages) => paged_attention(shape, qi, b - a, start, &pages, oi),
-                    LayerPages::F32(pages) => paged_attention(shape, qi, b - a, start, &pages, oi),
-                }
-                .map_err(|e| EngineError::Internal(e.to_string()))?;
             }
+            // Every sequence's attention in one parallel section (its K/V written above).
+            let layer: Vec<LayerPages<'_>> = items
+                .iter()
+                .map(|it| pool.layer_pages(it.seq, li))
+                .collect();
+            let starts: Vec<usize> = items.iter().map(|it| it.seq.len()).collect();
+            attend(shape, &q, q_dim, &offs, &starts, &layer, &mut att)?;
             matmul(&l.wo.view(), &att, n, &mut xn);
             if let Some(b) = &l.bo {
                 xn.chunks_exact_mut(h).for_each(|r| add_inplace(r, b));
@@ -863,6 +863,68 @@ impl Model {
             last = Some(self.forward(pool, seq, part, Logits::Last)?);
         }
         last.ok_or_else(|| EngineError::BadRequest("no tokens to run".into()))
+    }
+}
+
+/// Attention of every batch item over its own pages, in one call: item `i` owns query and
+/// output rows `offs[i]..offs[i + 1]` and starts at position `starts[i]`.
+fn attend(
+    shape: AttnShape,
+    q: &[f32],
+    q_dim: usize,
+    offs: &[usize],
+    starts: &[usize],
+    layer: &[LayerPages<'_>],
+    att: &mut [f32],
+) -> Result<(), EngineError> {
+    fn run<T: strata_kernels::KvElement>(
+        shape: AttnShape,
+        q: &[f32],
+        q_dim: usize,
+        offs: &[usize],
+        starts: &[usize],
+        pages: &[&Vec<&[T]>],
+        att: &mut [f32],
+    ) -> Result<(), EngineError> {
+        let mut rest = att;
+        let mut items = Vec::with_capacity(pages.len());
+        for (i, p) in pages.iter().enumerate() {
+            let (a, b) = (offs[i], offs[i + 1]);
+            let (out, tail) = std::mem::take(&mut rest).split_at_mut((b - a) * q_dim);
+            rest = tail;
+            items.push(AttnItem {
+                q: &q[a * q_dim..b * q_dim],
+                n: b - a,
+                start: starts[i],
+                pages: p.as_slice(),
+                out,
+            });
+        }
+        paged_attention_many(shape, &mut items).map_err(|e| EngineError::Internal(e.to_string()))
+    }
+    // One pool, one dtype: every item's pages are of the same kind.
+    let f16: Option<Vec<_>> = layer
+        .iter()
+        .map(|l| match l {
+            LayerPages::F16(p) => Some(p),
+            LayerPages::F32(_) => None,
+        })
+        .collect();
+    if let Some(pages) = f16 {
+        return run(shape, q, q_dim, offs, starts, &pages, att);
+    }
+    let f32: Option<Vec<_>> = layer
+        .iter()
+        .map(|l| match l {
+            LayerPages::F32(p) => Some(p),
+            LayerPages::F16(_) => None,
+        })
+        .collect();
+    match f32 {
+        Some(pages) => run(shape, q, q_dim, offs, starts, &pages, att),
+        None => Err(EngineError::Internal(
+            "KV pages of two dtypes in one batch".into(),
+        )),
     }
 }
 

@@ -138,22 +138,54 @@ pub fn paged_attention<T: KvElement>(
     pages: &[&[T]],
     out: &mut [f32],
 ) -> Result<(), KernelError> {
-    // Decode has few (token, kv head) pairs: split groups into single heads so every thread
-    // has work; prefill keeps a group together so each K/V row is read once for the group.
-    let split = n * shape.n_kv_heads < 4 * rayon::current_num_threads();
-    paged_attention_jobs(shape, q, n, start, pages, out, split, crate::simd())
+    paged_attention_many(
+        shape,
+        &mut [AttnItem {
+            q,
+            n,
+            start,
+            pages,
+            out,
+        }],
+    )
 }
 
-/// [`paged_attention`] with the job split (`split_groups`: one job per query head instead of
-/// one per group) and the instruction set chosen by the caller.
-#[allow(clippy::too_many_arguments)]
+/// One sequence's part of a batched attention call ([`paged_attention_many`]); the fields
+/// mean what [`paged_attention`]'s arguments of the same names mean.
+pub struct AttnItem<'a, T> {
+    /// `n × n_heads × head_dim` queries, RoPE applied.
+    pub q: &'a [f32],
+    /// Query tokens.
+    pub n: usize,
+    /// Position of the first query token.
+    pub start: usize,
+    /// The sequence's layer slice of each page, in position order.
+    pub pages: &'a [&'a [T]],
+    /// `n × n_heads × head_dim` output.
+    pub out: &'a mut [f32],
+}
+
+/// [`paged_attention`] for several sequences in one parallel section: the (token, kv head)
+/// jobs of every item share one pool dispatch, so a batch of decode steps (one token per
+/// sequence) keeps each group of query heads together and reads each K/V row once for it,
+/// instead of splitting heads to find work for the threads. Each item's output is exactly
+/// what [`paged_attention`] gives it alone.
+pub fn paged_attention_many<T: KvElement>(
+    shape: AttnShape,
+    items: &mut [AttnItem<'_, T>],
+) -> Result<(), KernelError> {
+    let pairs: usize = items.iter().map(|it| it.n * shape.n_kv_heads).sum();
+    // Few (token, kv head) pairs: split groups into single heads so every thread has work;
+    // otherwise keep a group together so each K/V row is read once for the group.
+    let split = pairs < 4 * rayon::current_num_threads();
+    paged_attention_jobs(shape, items, split, crate::simd())
+}
+
+/// [`paged_attention_many`] with the job split (`split_groups`: one job per query head
+/// instead of one per group) and the instruction set chosen by the caller.
 fn paged_attention_jobs<T: KvElement>(
     shape: AttnShape,
-    q: &[f32],
-    n: usize,
-    start: usize,
-    pages: &[&[T]],
-    out: &mut [f32],
+    items: &mut [AttnItem<'_, T>],
     split_groups: bool,
     simd: crate::Simd,
 ) -> Result<(), KernelError> {
@@ -165,48 +197,63 @@ fn paged_attention_jobs<T: KvElement>(
         page_size,
     } = shape;
     let row = n_heads * hd;
-    let ctx = start + n;
-    if q.len() != n * row || out.len() != n * row {
-        return Err(KernelError::Shape(format!(
-            "attention: q/out must be {n} × {row}"
-        )));
-    }
-    if pages.len() * page_size < ctx || pages.iter().any(|p| p.len() != shape.layer_page_floats()) {
-        return Err(KernelError::Shape(format!(
-            "attention: {} pages of {page_size} do not cover {ctx} positions (or a page has the wrong size)",
-            pages.len()
-        )));
+    for it in items.iter() {
+        let (n, ctx) = (it.n, it.start + it.n);
+        if it.q.len() != n * row || it.out.len() != n * row {
+            return Err(KernelError::Shape(format!(
+                "attention: q/out must be {n} × {row}"
+            )));
+        }
+        if it.pages.len() * page_size < ctx
+            || it
+                .pages
+                .iter()
+                .any(|p| p.len() != shape.layer_page_floats())
+        {
+            return Err(KernelError::Shape(format!(
+                "attention: {} pages of {page_size} do not cover {ctx} positions (or a page has the wrong size)",
+                it.pages.len()
+            )));
+        }
     }
     let group = n_heads / n_kv_heads;
     let per_job = if split_groups { 1 } else { group };
     let jobs_per_kv = group / per_job;
-    let job = Job {
-        q,
-        pages,
-        start,
-        n_kv_heads,
-        hd,
-        page_size,
-        group,
-        scale: 1.0 / (hd as f32).sqrt(),
-        out: SharedOut(out.as_mut_ptr()),
-    };
-    (0..n * n_kv_heads * jobs_per_kv)
-        .into_par_iter()
-        .for_each(|j| {
-            let i = j / (n_kv_heads * jobs_per_kv);
-            let kvh = j / jobs_per_kv % n_kv_heads;
-            let g0 = j % jobs_per_kv * per_job;
-            #[cfg(target_arch = "x86_64")]
-            if simd == crate::Simd::Avx2 {
-                // SAFETY: Simd::Avx2 comes from simd(), which found AVX2, FMA and F16C on
-                // this CPU.
-                unsafe { job.run_avx2(i, kvh, g0..g0 + per_job) };
-                return;
-            }
-            let _ = simd;
-            job.run(i, kvh, g0..g0 + per_job, T::dot, T::axpy);
-        });
+    let jobs: Vec<Job<'_, T>> = items
+        .iter_mut()
+        .map(|it| Job {
+            q: it.q,
+            pages: it.pages,
+            start: it.start,
+            n_kv_heads,
+            hd,
+            page_size,
+            group,
+            scale: 1.0 / (hd as f32).sqrt(),
+            out: SharedOut(it.out.as_mut_ptr()),
+        })
+        .collect();
+    // Job list: (item, job index within the item).
+    let work: Vec<(usize, usize)> = items
+        .iter()
+        .enumerate()
+        .flat_map(|(k, it)| (0..it.n * n_kv_heads * jobs_per_kv).map(move |j| (k, j)))
+        .collect();
+    work.into_par_iter().for_each(|(k, j)| {
+        let i = j / (n_kv_heads * jobs_per_kv);
+        let kvh = j / jobs_per_kv % n_kv_heads;
+        let g0 = j % jobs_per_kv * per_job;
+        let job = &jobs[k];
+        #[cfg(target_arch = "x86_64")]
+        if simd == crate::Simd::Avx2 {
+            // SAFETY: Simd::Avx2 comes from simd(), which found AVX2, FMA and F16C on
+            // this CPU.
+            unsafe { job.run_avx2(i, kvh, g0..g0 + per_job) };
+            return;
+        }
+        let _ = simd;
+        job.run(i, kvh, g0..g0 + per_job, T::dot, T::axpy);
+    });
     Ok(())
 }
 
@@ -394,8 +441,14 @@ mod tests {
             for simd in [crate::Simd::Scalar, crate::simd()] {
                 for split in [false, true] {
                     out.fill(f32::NAN);
-                    paged_attention_jobs(shape, &q, n, start, &pages, &mut out, split, simd)
-                        .unwrap();
+                    let item = AttnItem {
+                        q: &q,
+                        n,
+                        start,
+                        pages: &pages,
+                        out: &mut out,
+                    };
+                    paged_attention_jobs(shape, &mut [item], split, simd).unwrap();
                     for (g, w) in out.iter().zip(&want) {
                         assert!(
                             (f64::from(*g) - w).abs() < 1e-4,
@@ -429,5 +482,78 @@ mod tests {
         let mut out = vec![0f32; 2 * 8];
         assert!(paged_attention(shape, &[1.0; 16], 2, 3, &[&page], &mut out).is_err());
         assert!(paged_attention(shape, &[1.0; 16], 2, 2, &[&page], &mut out).is_ok());
+    }
+
+    #[test]
+    fn a_batch_of_sequences_gives_each_exactly_its_own_result() {
+        let shape = AttnShape {
+            n_heads: 6,
+            n_kv_heads: 2,
+            head_dim: 8,
+            page_size: 4,
+        };
+        let (nh, hd) = (shape.n_heads, shape.head_dim);
+        let mut x = 7u32;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x % 2001) as f32 / 1000.0 - 1.0
+        };
+        // Three sequences: a decode step deep in its context, a prefill chunk, a first token.
+        let specs = [(1usize, 9usize), (5, 2), (1, 0)];
+        let stores: Vec<Vec<Vec<f16>>> = specs
+            .iter()
+            .map(|(n, start)| {
+                (0..(start + n).div_ceil(shape.page_size))
+                    .map(|_| {
+                        (0..shape.layer_page_floats())
+                            .map(|_| f16::from_f32(rnd()))
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        let qs: Vec<Vec<f32>> = specs
+            .iter()
+            .map(|(n, _)| (0..n * nh * hd).map(|_| rnd()).collect())
+            .collect();
+        let pages: Vec<Vec<&[f16]>> = stores
+            .iter()
+            .map(|st| st.iter().map(|p| p.as_slice()).collect())
+            .collect();
+        let alone: Vec<Vec<f32>> = specs
+            .iter()
+            .enumerate()
+            .map(|(k, (n, start))| {
+                let mut out = vec![0f32; n * nh * hd];
+                paged_attention(shape, &qs[k], *n, *start, &pages[k], &mut out).unwrap();
+                out
+            })
+            .collect();
+        let mut outs: Vec<Vec<f32>> = specs
+            .iter()
+            .map(|(n, _)| vec![f32::NAN; n * nh * hd])
+            .collect();
+        let mut items: Vec<AttnItem<'_, f16>> = outs
+            .iter_mut()
+            .enumerate()
+            .map(|(k, out)| AttnItem {
+                q: &qs[k],
+                n: specs[k].0,
+                start: specs[k].1,
+                pages: &pages[k],
+                out,
+            })
+            .collect();
+        paged_attention_many(shape, &mut items).unwrap();
+        for (k, (got, want)) in outs.iter().zip(&alone).enumerate() {
+            assert!(
+                got.iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "sequence {k} differs from its result alone"
+            );
+        }
     }
 }

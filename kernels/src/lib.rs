@@ -29,7 +29,7 @@ pub mod matmul;
 pub mod ops;
 pub mod quant;
 
-pub use attention::{AttnShape, KvElement, paged_attention};
+pub use attention::{AttnItem, AttnShape, KvElement, paged_attention, paged_attention_many};
 pub use matmul::{WeightMatrix, matmul, matmul_many};
 pub use ops::RopeLayout;
 pub use quant::{DType, QAct};
