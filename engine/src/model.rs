@@ -122,6 +122,9 @@ struct Layer {
     w_down: Matrix,
 }
 
+/// Fewest rows a pool task takes in row-wise steps (RoPE, SiLU, embedding lookup).
+const ROW_MIN: usize = 16;
+
 /// Which logits a forward call returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -741,8 +744,11 @@ impl Model {
         );
         let mut x = vec![0f32; n * h];
         let embed = self.embed.view();
+        // Row-wise work runs on the calling thread for a few rows (a decode batch): waking the
+        // pool costs more than the work.
         x.par_chunks_mut(h)
             .zip(tokens.par_iter())
+            .with_min_len(ROW_MIN)
             .for_each(|(row, t)| embed.dequantize_row(*t as usize, row));
         let mut xn = vec![0f32; n * h];
         let mut q = vec![0f32; n * q_dim];
@@ -778,9 +784,11 @@ impl Model {
             }
             q.par_chunks_mut(q_dim)
                 .zip(pos.par_iter())
+                .with_min_len(ROW_MIN)
                 .for_each(|(r, p)| self.rope.apply(r, *p));
             k.par_chunks_mut(kv_dim)
                 .zip(pos.par_iter())
+                .with_min_len(ROW_MIN)
                 .for_each(|(r, p)| self.rope.apply(r, *p));
             for (i, it) in items.iter().enumerate() {
                 let (a, b) = (offs[i], offs[i + 1]);
@@ -814,6 +822,7 @@ impl Model {
             );
             gate.par_chunks_mut(c.ffn)
                 .zip(up.par_chunks(c.ffn))
+                .with_min_len(ROW_MIN)
                 .for_each(|(g, u)| silu_mul(g, u));
             matmul(&l.w_down.view(), &gate, n, &mut xn);
             add_inplace(&mut x, &xn);
