@@ -74,7 +74,7 @@ impl Tier for PoolTier {
             }
         } else {
             let t0 = Instant::now();
-            match self.pool.copy_in(data) {
+            match self.pool.copy_in(data, true) {
                 Ok(p) => {
                     self.write_bw.record(data.len(), t0.elapsed());
                     Ok(BlockHandle(u64::from(p)))
@@ -111,7 +111,7 @@ impl Tier for PoolTier {
 
     fn free(&self, handle: BlockHandle) {
         if let Ok(p) = self.page(handle) {
-            self.pool.unref(p);
+            self.pool.unshare(p);
         }
     }
 

@@ -81,6 +81,8 @@ struct Alloc {
     refs: Vec<u32>,
     /// A sealed page is full and shared: nothing writes it again until it is free.
     sealed: Vec<bool>,
+    /// The cache's tier 0 holds a reference on the page ([`KvPool::share`]).
+    cached: Vec<bool>,
     /// Pages handed out before and returned.
     free: Vec<u32>,
     /// Pages `fresh..max_pages` have never been handed out (their memory is not touched yet).
@@ -109,8 +111,13 @@ impl Alloc {
 
     fn unref(&mut self, p: u32) {
         let r = &mut self.refs[p as usize];
-        debug_assert!(*r > 0, "page {p} released more often than held");
-        *r = r.saturating_sub(1);
+        if *r == 0 {
+            // Released more often than held: a caller's bug. Going below zero would put the
+            // page on the free list twice and hand it to two sequences.
+            debug_assert!(false, "page {p} released more often than held");
+            return;
+        }
+        *r -= 1;
         if *r == 0 {
             self.sealed[p as usize] = false;
             self.free.push(p);
@@ -227,6 +234,7 @@ impl KvPool {
             alloc: Mutex::new(Alloc {
                 refs: vec![0; max_pages],
                 sealed: vec![false; max_pages],
+                cached: vec![false; max_pages],
                 free: Vec::new(),
                 fresh: 0,
             }),
@@ -344,7 +352,9 @@ impl KvPool {
     pub fn release(&self, seq: &mut Sequence) {
         let mut a = self.lock();
         for p in seq.pages.drain(..) {
-            a.unref(p);
+            if (p as usize) < self.max_pages {
+                a.unref(p);
+            }
         }
         seq.len = 0;
     }
@@ -370,22 +380,28 @@ impl KvPool {
         Ok(())
     }
 
-    /// Takes one more reference on page `p` and seals it (the cache's tier 0 adopting it).
+    /// Takes the cache's reference on page `p` and seals it (the cache's tier 0 adopting
+    /// it). Fails when nobody holds the page or the cache holds it already.
     pub(crate) fn share(&self, p: u32) -> bool {
         let mut a = self.lock();
         let i = p as usize;
-        if i >= self.max_pages || a.refs[i] == 0 {
+        if i >= self.max_pages || a.refs[i] == 0 || a.cached[i] {
             return false;
         }
         a.refs[i] += 1;
         a.sealed[i] = true;
+        a.cached[i] = true;
         true
     }
 
-    /// Lets go of one reference on page `p`.
-    pub(crate) fn unref(&self, p: u32) {
-        if (p as usize) < self.max_pages {
-            self.lock().unref(p);
+    /// Drops the cache's reference on page `p` (the tier freeing its handle); a page the
+    /// cache does not hold is left alone.
+    pub(crate) fn unshare(&self, p: u32) {
+        let mut a = self.lock();
+        let i = p as usize;
+        if i < self.max_pages && a.cached[i] {
+            a.cached[i] = false;
+            a.unref(p);
         }
     }
 
@@ -398,8 +414,9 @@ impl KvPool {
             .then_some((off / self.block_bytes) as u32)
     }
 
-    /// Copies `block` into a new sealed page with one holder (the caller).
-    pub(crate) fn copy_in(&self, block: &[u8]) -> Result<u32, EngineError> {
+    /// Copies `block` into a new page with one holder: the cache (sealed) when `for_cache`,
+    /// else the caller's sequence (private).
+    pub(crate) fn copy_in(&self, block: &[u8], for_cache: bool) -> Result<u32, EngineError> {
         if block.len() != self.block_bytes {
             return Err(EngineError::BadRequest(format!(
                 "block of {} bytes, this model's {} pages are {}",
@@ -417,7 +434,9 @@ impl KvPool {
         // SAFETY: `p` was just taken from the free list with one holder (us): no other
         // reference to its memory exists, and it lies inside the mapping.
         unsafe { self.page_mut(p) }.copy_from_slice(block);
-        self.lock().sealed[p as usize] = true;
+        let mut a = self.lock();
+        a.sealed[p as usize] = for_cache;
+        a.cached[p as usize] = for_cache;
         Ok(p)
     }
 
@@ -426,7 +445,11 @@ impl KvPool {
     /// # Safety
     /// `p < max_pages`, and nobody writes the page while the slice lives.
     unsafe fn page(&self, p: u32) -> &[u8] {
-        // SAFETY: the caller's contract; the range lies inside the mapping.
+        assert!(
+            (p as usize) < self.max_pages,
+            "page {p} is not in this pool"
+        );
+        // SAFETY: the caller's contract; the range lies inside the mapping (checked above).
         unsafe {
             std::slice::from_raw_parts(
                 self.base.add(p as usize * self.block_bytes),
@@ -441,7 +464,11 @@ impl KvPool {
     /// `p < max_pages`, and the page is private to the caller: no other slice of it lives.
     #[allow(clippy::mut_from_ref)]
     unsafe fn page_mut(&self, p: u32) -> &mut [u8] {
-        // SAFETY: the caller's contract; the range lies inside the mapping.
+        assert!(
+            (p as usize) < self.max_pages,
+            "page {p} is not in this pool"
+        );
+        // SAFETY: the caller's contract; the range lies inside the mapping (checked above).
         unsafe {
             std::slice::from_raw_parts_mut(
                 self.base.add(p as usize * self.block_bytes),
@@ -549,9 +576,7 @@ impl KvPool {
                 "a page can only be imported at a page boundary".into(),
             ));
         }
-        let p = self.copy_in(block)?;
-        // A page only this sequence holds: not sealed, so it may be exported and shared.
-        self.lock().sealed[p as usize] = false;
+        let p = self.copy_in(block, false)?;
         seq.pages.push(p);
         seq.len += self.page_size;
         Ok(())
@@ -641,13 +666,16 @@ mod tests {
                     Op::Adopt(i, k) => {
                         if let Ok(b) = pool.export(&seqs[i], k) {
                             let p = pool.page_of(b).expect("an exported page is a pool page");
-                            prop_assert!(pool.share(p));
-                            cache.push(p);
+                            let held = cache.contains(&p);
+                            prop_assert_eq!(pool.share(p), !held, "the cache holds a page once");
+                            if !held {
+                                cache.push(p);
+                            }
                         }
                     }
                     Op::Evict(k) => {
                         if k < cache.len() {
-                            pool.unref(cache.swap_remove(k));
+                            pool.unshare(cache.swap_remove(k));
                         }
                     }
                     Op::Attach(i, k) => {
@@ -678,7 +706,7 @@ mod tests {
                 pool.release(s);
             }
             for p in cache.drain(..) {
-                pool.unref(p);
+                pool.unshare(p);
             }
             prop_assert_eq!(pool.free_pages(), 12);
         }

@@ -499,6 +499,26 @@ fn chat_streams_with_usage_and_stop_strings_end_the_text() {
         let got = v["choices"][0]["message"]["content"].as_str().unwrap();
         assert_eq!(got, &text[..text.find(&stop).unwrap()]);
         assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        // Ended by a stop string is a finished request, not a cancelled one (the scheduler
+        // learns it at its next step).
+        let mut m = metrics(&c, &s.base).await;
+        for _ in 0..100 {
+            if metric(&m, "strata:num_requests_running") == Some(0.0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            m = metrics(&c, &s.base).await;
+        }
+        assert_eq!(
+            metric(&m, "strata:request_cancelled_total"),
+            Some(0.0),
+            "{m}"
+        );
+        assert_eq!(
+            metric(&m, "strata:request_success_total{finished_reason=\"stop\"}"),
+            Some(1.0),
+            "{m}"
+        );
         // The models list names the served model.
         let models: Value = c
             .get(format!("{}/v1/models", s.base))

@@ -38,6 +38,9 @@ pub struct AppState {
     /// When the server started (the model's `created`).
     pub created: u64,
     next_id: AtomicU64,
+    /// Requests being parsed and tokenized at once; more are refused with 503, so a flood
+    /// of large bodies cannot queue unbounded work before `max_waiting` applies.
+    preparing: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -59,12 +62,27 @@ impl AppState {
             page_size,
             created: unix_now(),
             next_id: AtomicU64::new(1),
+            preparing: Arc::new(tokio::sync::Semaphore::new(PREPARING)),
         }
     }
 }
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 4 << 20;
+
+/// Requests parsed and tokenized at once.
+const PREPARING: usize = 32;
+
+fn overloaded(s: &AppState, what: &str) -> ApiError {
+    s.metrics.rejected.inc();
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: format!("the server is at capacity ({what}); retry later"),
+        kind: "server_error",
+        param: None,
+        code: Some("overloaded"),
+    }
+}
 
 /// The routes.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -264,7 +282,14 @@ fn params(s: &AppState, m: &serde_json::Map<String, Value>) -> Result<Params, Ap
         ));
     }
     let seed = match get_present(m, "seed") {
-        None => 0,
+        // No seed: a different draw each time, as OpenAI's API does.
+        None => {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+                ^ s.next_id.fetch_add(1, Ordering::Relaxed).rotate_left(32)
+        }
         Some(v) => v
             .as_i64()
             .map(|x| x as u64)
@@ -395,7 +420,10 @@ fn messages(m: &serde_json::Map<String, Value>) -> Result<Vec<Message>, ApiError
 
 async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     // Parsing, the chat template and tokenizing a prompt of up to {MAX_BODY} bytes are
-    // CPU work: off the async workers.
+    // CPU work: off the async workers, and only {PREPARING} at once.
+    let Ok(permit) = s.preparing.clone().try_acquire_owned() else {
+        return overloaded(&s, "too many requests being prepared").into_response();
+    };
     let st = s.clone();
     let r = blocking(move || {
         let s = st;
@@ -416,6 +444,7 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
         Ok::<_, ApiError>((p, ids))
     })
     .await;
+    drop(permit);
     match r {
         Ok((p, ids)) => run(s, p, ids, Kind::Chat).await,
         Err(e) => {
@@ -427,7 +456,10 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
 
 async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     // Parsing, the chat template and tokenizing a prompt of up to {MAX_BODY} bytes are
-    // CPU work: off the async workers.
+    // CPU work: off the async workers, and only {PREPARING} at once.
+    let Ok(permit) = s.preparing.clone().try_acquire_owned() else {
+        return overloaded(&s, "too many requests being prepared").into_response();
+    };
     let st = s.clone();
     let r = blocking(move || {
         let s = st;
@@ -469,6 +501,7 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
         Ok::<_, ApiError>((p, ids))
     })
     .await;
+    drop(permit);
     match r {
         Ok((p, ids)) => run(s, p, ids, Kind::Text).await,
         Err(e) => {
@@ -548,6 +581,7 @@ async fn run(s: Arc<AppState>, p: Params, prompt: Vec<u32>, kind: Kind) -> Respo
     }
     let (tx, rx) = mpsc::unbounded_channel();
     let prompt_len = prompt.len();
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let job = Job {
         prompt,
         max_tokens,
@@ -555,22 +589,13 @@ async fn run(s: Arc<AppState>, p: Params, prompt: Vec<u32>, kind: Kind) -> Respo
         events: tx,
         arrived: Instant::now(),
         ignore_eos: p.ignore_eos,
+        stopped: stopped.clone(),
     };
     match s.submitter.submit(job) {
         Ok(()) => {}
         Err(SubmitError::QueueFull) => {
-            s.metrics.rejected.inc();
-            return ApiError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: format!(
-                    "the server is at capacity ({} requests waiting); retry later",
-                    s.submitter.waiting()
-                ),
-                kind: "server_error",
-                param: None,
-                code: Some("overloaded"),
-            }
-            .into_response();
+            let what = format!("{} requests waiting", s.submitter.waiting());
+            return overloaded(&s, &what).into_response();
         }
         Err(SubmitError::Stopped) => {
             return ApiError {
@@ -597,6 +622,7 @@ async fn run(s: Arc<AppState>, p: Params, prompt: Vec<u32>, kind: Kind) -> Respo
         cached: 0,
         prefill: None,
         return_token_ids: p.return_token_ids,
+        stopped,
     };
     if p.stream {
         stream(out, rx, p.include_usage)
@@ -611,6 +637,11 @@ struct Detok {
     ids: Vec<u32>,
     text: String,
     sent: usize,
+    /// Decoding window: `ids[prefix..read]` were decoded last time (their text is in
+    /// `text`); new tokens are decoded together with them so that a token's text is right in
+    /// context (leading spaces, bytes of one character split over tokens).
+    prefix: usize,
+    read: usize,
     stop: Vec<String>,
     stopped: bool,
 }
@@ -621,6 +652,8 @@ impl Detok {
             ids: Vec::new(),
             text: String::new(),
             sent: 0,
+            prefix: 0,
+            read: 0,
             stop,
             stopped: false,
         }
@@ -630,7 +663,24 @@ impl Detok {
     /// `stopped` is set, the text is cut before it, and [`Detok::flush`] releases the rest.
     fn push(&mut self, engine: &Engine, id: u32) -> String {
         self.ids.push(id);
-        self.text = engine.decode(&self.ids).unwrap_or_default();
+        // Decode a short window instead of the whole output each time (that would be
+        // quadratic in the output length).
+        let before = engine
+            .decode(&self.ids[self.prefix..self.read])
+            .unwrap_or_default();
+        let now = engine.decode(&self.ids[self.prefix..]).unwrap_or_default();
+        if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
+            // Concatenative decoders (byte-level BPE) always extend `before`; for others,
+            // take what follows its length rather than stall.
+            let delta = if now.starts_with(&before) {
+                &now[before.len()..]
+            } else {
+                now.get(before.len()..).unwrap_or_default()
+            };
+            self.text.push_str(delta);
+            self.prefix = self.read;
+            self.read = self.ids.len();
+        }
         self.step()
     }
 
@@ -708,6 +758,8 @@ struct Output {
     cached: usize,
     prefill: Option<Duration>,
     return_token_ids: bool,
+    /// Told to the scheduler when a stop string ends the text.
+    stopped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What the event loop saw last.
@@ -740,7 +792,9 @@ impl Output {
             Event::Token(id) => {
                 let t = self.text.push(&self.s.engine, id);
                 if self.text.stopped {
-                    // Dropping the receiver after this cancels the rest of the generation.
+                    // Dropping the receiver after this ends the generation; the flag makes
+                    // the scheduler count it as finished by a stop.
+                    self.stopped.store(true, Ordering::Release);
                     return Step::End(Finish::Stop);
                 }
                 Step::Text(t)
@@ -849,6 +903,19 @@ async fn complete(mut out: Output, mut rx: mpsc::UnboundedReceiver<Event>) -> Re
     .into_response()
 }
 
+/// How long an SSE event may wait for a client that does not read before the stream is
+/// dropped (and its request cancelled).
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sends one SSE event; false when the client is gone or has not read for
+/// [`SEND_TIMEOUT`].
+async fn put(tx: &mpsc::Sender<Result<SseEvent, Infallible>>, ev: SseEvent) -> bool {
+    matches!(
+        tokio::time::timeout(SEND_TIMEOUT, tx.send(Ok(ev))).await,
+        Ok(Ok(()))
+    )
+}
+
 fn stream(
     mut out: Output,
     mut rx: mpsc::UnboundedReceiver<Event>,
@@ -877,7 +944,7 @@ fn stream(
                     }
                     let c = out.chunk(Some(&t), None, first);
                     first = false;
-                    if tx.send(Ok(send(c))).await.is_err() {
+                    if !put(&tx, send(c)).await {
                         return;
                     }
                 }
@@ -896,17 +963,17 @@ fn stream(
         if !rest.is_empty() {
             let c = out.chunk(Some(&rest), None, first);
             first = false;
-            let _ = tx.send(Ok(send(c))).await;
+            let _ = put(&tx, send(c)).await;
         }
         let mut last = out.chunk(None, Some(finish), first);
         last["timings"] = out.timings();
-        let _ = tx.send(Ok(send(last))).await;
+        let _ = put(&tx, send(last)).await;
         if include_usage {
             let u = json!({"id": out.id, "object": out.object(true), "created": out.created,
                            "model": out.s.model_id, "choices": [], "usage": out.usage()});
-            let _ = tx.send(Ok(send(u))).await;
+            let _ = put(&tx, send(u)).await;
         }
-        let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+        let _ = put(&tx, SseEvent::default().data("[DONE]")).await;
     });
     Sse::new(tokio_stream::wrappers::ReceiverStream::new(body_rx))
         .keep_alive(KeepAlive::default())

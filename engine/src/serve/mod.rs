@@ -31,6 +31,9 @@ use crate::{Engine, EngineError};
 use metrics::Metrics;
 use sched::{SchedConfig, Scheduler};
 
+/// How long open connections may run on after a shutdown signal.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How to serve.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
@@ -147,10 +150,24 @@ pub async fn serve(
         kv_pages: pool.capacity(),
         kv_bytes: pool.capacity() * pool.block_bytes(),
     });
-    let r = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| EngineError::Io(format!("serving: {e}")));
+    // After the signal, connections get `DRAIN` to finish; a client that holds one open
+    // (a stream it does not read) cannot keep the process alive past that.
+    let signalled = Arc::new(tokio::sync::Notify::new());
+    let notify = signalled.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        notify.notify_one();
+    });
+    let r = tokio::select! {
+        r = server => r.map_err(|e| EngineError::Io(format!("serving: {e}"))),
+        _ = async {
+            signalled.notified().await;
+            tokio::time::sleep(DRAIN).await;
+        } => {
+            eprintln!("strata: connections still open {DRAIN:?} after the signal; closing them");
+            Ok(())
+        }
+    };
     stop.store(true, Ordering::Release);
     let _ = sched_thread.join();
     r
@@ -165,7 +182,12 @@ async fn authorize(key: &str, req: Request, next: Next) -> Response {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then_some(token.trim())
+        })
         .is_some_and(|t| constant_time_eq(t.as_bytes(), key.as_bytes()));
     if ok {
         return next.run(req).await;

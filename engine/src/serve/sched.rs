@@ -106,6 +106,9 @@ pub struct Job {
     pub arrived: Instant,
     /// Keep generating past stop tokens (benchmarks that want exact output lengths).
     pub ignore_eos: bool,
+    /// Set by the HTTP side when a stop string ended the text, before it drops the
+    /// receiver: the request then counts as finished by a stop, not as cancelled.
+    pub stopped: Arc<AtomicBool>,
 }
 
 /// Scheduler settings.
@@ -327,7 +330,13 @@ impl Scheduler {
             if self.running[i].job.events.is_closed() {
                 let mut a = self.running.swap_remove(i);
                 self.pool.release(&mut a.seq);
-                self.metrics.cancelled.inc();
+                if a.job.stopped.load(Ordering::Acquire) {
+                    a.usage.completion_tokens = a.generated;
+                    self.metrics
+                        .finished(Finish::Stop, a.job.arrived.elapsed(), &a.usage);
+                } else {
+                    self.metrics.cancelled.inc();
+                }
             } else {
                 i += 1;
             }
@@ -362,6 +371,9 @@ impl Scheduler {
     /// First come, first served, while the pool has room for the head's prompt.
     fn admit(&mut self) {
         let ps = self.pool.page_size();
+        // Pages promised to the requests admitted in this pass (none is reserved until the
+        // step runs, so each admission must leave room for the ones before it).
+        let mut promised = 0;
         while self.running.len() < self.cfg.max_running {
             let Some(mut a) = self.waiting.pop_front() else {
                 break;
@@ -387,13 +399,14 @@ impl Scheduler {
             }
             // Room for the rest of the prompt and the first generated token.
             let need = self.pool.missing(&a.seq, a.tokens.len() + 1);
-            if !self.make_room(need) {
+            if !self.make_room(promised + need) {
                 self.pool.release(&mut a.seq);
                 a.pin = None;
                 a.stored_pages = 0;
                 self.waiting.push_front(a);
                 break;
             }
+            promised += need;
             self.uncount(&mut a);
             if !a.started {
                 a.started = true;
@@ -426,10 +439,19 @@ impl Scheduler {
                     budget = budget.saturating_sub(1);
                 }
             }
+            let ps = self.pool.page_size();
             for (i, a) in self.running.iter().enumerate() {
                 if plan[i] == 0 && budget > 0 && !self.waits_for_earlier(i) {
-                    plan[i] = a.pending().min(budget);
-                    budget -= plan[i];
+                    let mut n = a.pending().min(budget);
+                    // A chunk that stops short of the prompt's end stops on a page boundary,
+                    // so the sequence can still take pages others compute (when there is a
+                    // whole page to stop at).
+                    let end = (a.seq.len() + n) / ps * ps;
+                    if n < a.pending() && end > a.seq.len() {
+                        n = end - a.seq.len();
+                    }
+                    plan[i] = n;
+                    budget -= n;
                 }
             }
             let missing: usize = self
@@ -592,7 +614,11 @@ impl Scheduler {
         let page = &b.tokens[at..at + ps];
         self.running[..j].iter().any(|a| {
             let l = a.seq.len();
-            l >= at && l < at + ps && a.tokens.len() >= at + ps && a.tokens[at..at + ps] == *page
+            l >= at
+                && l < at + ps
+                && a.tokens.len() >= at + ps
+                && a.tokens[at..at + ps] == *page
+                && a.tokens[..at] == b.tokens[..at]
         })
     }
 
