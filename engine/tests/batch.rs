@@ -29,10 +29,7 @@ fn passage() -> Vec<u32> {
 fn alone(m: &Model, dtype: KvDtype, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
     let pool = KvPool::new(&m.config, dtype, PAGE, 64).unwrap();
     let mut seq = Sequence::new();
-    let mut out = vec![
-        m.forward(&pool, &mut seq, prompt, Logits::Last)
-            .unwrap(),
-    ];
+    let mut out = vec![m.forward(&pool, &mut seq, prompt, Logits::Last).unwrap()];
     for _ in 0..steps {
         let t = argmax(out.last().unwrap());
         out.push(m.forward(&pool, &mut seq, &[t], Logits::Last).unwrap());
@@ -135,10 +132,7 @@ fn mixed_prefill_chunk_and_decodes_match_alone() {
         let mut seq1 = Sequence::new();
         m.forward(&pool1, &mut seq1, &text[..*p], Logits::Last)
             .unwrap();
-        want.push(
-            m.forward(&pool1, &mut seq1, &new[s], Logits::Last)
-                .unwrap(),
-        );
+        want.push(m.forward(&pool1, &mut seq1, &new[s], Logits::Last).unwrap());
         m.forward(&pool, &mut seqs[s], &text[..*p], Logits::Last)
             .unwrap();
     }
@@ -159,9 +153,7 @@ fn all_logits_of_a_batch_item_match_alone() {
     let text = passage();
     let pool = KvPool::new(&m.config, KvDtype::F32, PAGE, 64).unwrap();
     let (mut a, mut b) = (Sequence::new(), Sequence::new());
-    let want = m
-        .forward(&pool, &mut a, &text[..21], Logits::All)
-        .unwrap();
+    let want = m.forward(&pool, &mut a, &text[..21], Logits::All).unwrap();
     pool.release(&mut a);
     let mut items = [
         BatchItem {

@@ -109,9 +109,7 @@ fn one_pass_chunked_and_imported_prefill_agree_in(dtype: KvDtype) {
     let prefix = &tokens[..prefix_pages * PAGE];
     let pool3 = KvPool::new(cfg, dtype, PAGE, 16).unwrap();
     let mut first = Sequence::new();
-    e.model
-        .prefill(&pool3, &mut first, prefix, 100)
-        .unwrap();
+    e.model.prefill(&pool3, &mut first, prefix, 100).unwrap();
     let blocks: Vec<&[u8]> = (0..prefix_pages)
         .map(|i| pool3.export(&first, i).unwrap())
         .collect();
