@@ -532,3 +532,43 @@ fn chat_streams_with_usage_and_stop_strings_end_the_text() {
     });
     assert!(s.terminate(), "SIGTERM ends the server cleanly");
 }
+
+#[test]
+fn slow_or_oversized_requests_are_cut_off() {
+    use std::io::{Read, Write};
+    let s = EngineServer::start(&[]);
+    let addr = s.base.trim_start_matches("http://").to_string();
+    // Headers that never end: the server closes the connection after its header timeout.
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let t0 = Instant::now();
+    let mut buf = [0u8; 256];
+    let n = slow.read(&mut buf).unwrap_or(0);
+    assert!(
+        t0.elapsed() < Duration::from_secs(25),
+        "an unfinished request held its connection for {:?}",
+        t0.elapsed()
+    );
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(n == 0 || head.starts_with("HTTP/1.1 408"), "{head}");
+    // A body over the 4 MiB limit: 413 in OpenAI's shape.
+    rt().block_on(async {
+        let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(5 << 20));
+        let r = client()
+            .post(format!("{}/v1/completions", s.base))
+            .header("content-type", "application/json")
+            .body(big)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 413);
+        let v: Value = r.json().await.unwrap();
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("limit"),
+            "{v}"
+        );
+    });
+}

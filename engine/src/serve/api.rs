@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -72,6 +72,31 @@ pub const MAX_BODY: usize = 4 << 20;
 
 /// Requests parsed and tokenized at once.
 const PREPARING: usize = 32;
+
+/// How long a client may take to send a request body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The request body, at most [`MAX_BODY`] bytes within [`BODY_TIMEOUT`].
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    let err = |status, message: String| ApiError {
+        status,
+        message,
+        kind: "invalid_request_error",
+        param: None,
+        code: None,
+    };
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) => Err(err(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body could not be read within the {MAX_BODY}-byte limit: {e}"),
+        )),
+        Err(_) => Err(err(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+        )),
+    }
+}
 
 fn overloaded(s: &AppState, what: &str) -> ApiError {
     s.metrics.rejected.inc();
@@ -418,11 +443,18 @@ fn messages(m: &serde_json::Map<String, Value>) -> Result<Vec<Message>, ApiError
         .collect()
 }
 
-async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn chat(State(s): State<Arc<AppState>>, body: Body) -> Response {
     // Parsing, the chat template and tokenizing a prompt of up to {MAX_BODY} bytes are
     // CPU work: off the async workers, and only {PREPARING} at once.
     let Ok(permit) = s.preparing.clone().try_acquire_owned() else {
         return overloaded(&s, "too many requests being prepared").into_response();
+    };
+    let body = match read_body(body).await {
+        Ok(b) => b,
+        Err(e) => {
+            s.metrics.bad_requests.inc();
+            return e.into_response();
+        }
     };
     let st = s.clone();
     let r = blocking(move || {
@@ -454,11 +486,18 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     }
 }
 
-async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn completions(State(s): State<Arc<AppState>>, body: Body) -> Response {
     // Parsing, the chat template and tokenizing a prompt of up to {MAX_BODY} bytes are
     // CPU work: off the async workers, and only {PREPARING} at once.
     let Ok(permit) = s.preparing.clone().try_acquire_owned() else {
         return overloaded(&s, "too many requests being prepared").into_response();
+    };
+    let body = match read_body(body).await {
+        Ok(b) => b,
+        Err(e) => {
+            s.metrics.bad_requests.inc();
+            return e.into_response();
+        }
     };
     let st = s.clone();
     let r = blocking(move || {

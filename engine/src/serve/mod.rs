@@ -150,27 +150,79 @@ pub async fn serve(
         kv_pages: pool.capacity(),
         kv_bytes: pool.capacity() * pool.block_bytes(),
     });
-    // After the signal, connections get `DRAIN` to finish; a client that holds one open
-    // (a stream it does not read) cannot keep the process alive past that.
-    let signalled = Arc::new(tokio::sync::Notify::new());
-    let notify = signalled.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        notify.notify_one();
-    });
-    let r = tokio::select! {
-        r = server => r.map_err(|e| EngineError::Io(format!("serving: {e}"))),
-        _ = async {
-            signalled.notified().await;
-            tokio::time::sleep(DRAIN).await;
-        } => {
-            eprintln!("strata: connections still open {DRAIN:?} after the signal; closing them");
-            Ok(())
-        }
-    };
+    let r = accept_loop(listener, app, shutdown).await;
     stop.store(true, Ordering::Release);
     let _ = sched_thread.join();
     r
+}
+
+/// Most connections served at once; further clients wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 512;
+
+/// How long a client may take to send a request's headers (also the idle time allowed
+/// between requests on a kept-alive connection).
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves connections until `shutdown` resolves, then lets open ones finish for at most
+/// [`DRAIN`]. Every connection has a header read timeout and counts against
+/// [`MAX_CONNECTIONS`], so idle or slow peers cannot hold descriptors or memory without end.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), EngineError> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let (closing, closed) = tokio::sync::watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+            _ = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of descriptors or a connection reset before accept: not fatal.
+                    eprintln!("strata: accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut closed = closed.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(64 << 10)
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = closed.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(DRAIN, conn).await;
+                }
+            }
+        });
+    }
+    // Stop accepting; open connections finish their requests (at most DRAIN).
+    let _ = closing.send(true);
+    if tokio::time::timeout(DRAIN, slots.acquire_many(MAX_CONNECTIONS as u32))
+        .await
+        .is_err()
+    {
+        eprintln!("strata: connections still open {DRAIN:?} after the signal; closing them");
+    }
+    Ok(())
 }
 
 /// Checks `Authorization: Bearer <key>` (not on `/health`).
