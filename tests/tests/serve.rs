@@ -428,6 +428,18 @@ fn overload_gets_503_with_retry_after_and_the_rest_completes() {
     );
 }
 
+/// A non-streamed chat completion's JSON.
+async fn chat(c: &reqwest::Client, base: &str, body: &Value) -> Value {
+    c.post(format!("{base}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 #[test]
 fn chat_streams_with_usage_and_stop_strings_end_the_text() {
     let s = EngineServer::start(&[]);
@@ -436,15 +448,7 @@ fn chat_streams_with_usage_and_stop_strings_end_the_text() {
         let body = json!({"model": "smollm2", "temperature": 0, "max_tokens": 24,
             "messages": [{"role": "system", "content": "You are terse."},
                          {"role": "user", "content": "Name three colors."}]});
-        let full: Value = c
-            .post(format!("{}/v1/chat/completions", s.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let full = chat(&c, &s.base, &body).await;
         let text = full["choices"][0]["message"]["content"]
             .as_str()
             .unwrap()
@@ -487,15 +491,7 @@ fn chat_streams_with_usage_and_stop_strings_end_the_text() {
         let stop: String = text[cut..].chars().take(3).collect();
         let mut stopped = body.clone();
         stopped["stop"] = json!([stop]);
-        let v: Value = c
-            .post(format!("{}/v1/chat/completions", s.base))
-            .json(&stopped)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = chat(&c, &s.base, &stopped).await;
         let got = v["choices"][0]["message"]["content"].as_str().unwrap();
         assert_eq!(got, &text[..text.find(&stop).unwrap()]);
         assert_eq!(v["choices"][0]["finish_reason"], "stop");

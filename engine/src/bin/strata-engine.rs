@@ -162,14 +162,12 @@ fn load_engine(common: &Common) -> Result<(Engine, PathBuf)> {
         None => strata_engine::fetch::default_model()?,
     };
     let engine = Engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
-    let c = &engine.model.config;
     anyhow::ensure!(
         (16..=256).contains(&common.page_size),
         "--page-size {} is outside 16..=256 tokens",
         common.page_size
     );
     anyhow::ensure!(common.chunk > 0, "--chunk must be at least 1");
-    let _ = c;
     Ok((engine, path))
 }
 

@@ -444,41 +444,39 @@ fn messages(m: &serde_json::Map<String, Value>) -> Result<Vec<Message>, ApiError
 }
 
 async fn chat(State(s): State<Arc<AppState>>, body: Body) -> Response {
+    handle(s, body, Kind::Chat).await
+}
+
+async fn completions(State(s): State<Arc<AppState>>, body: Body) -> Response {
+    handle(s, body, Kind::Text).await
+}
+
+/// Reads, parses and tokenizes a request of either endpoint, then runs it.
+async fn handle(s: Arc<AppState>, body: Body, kind: Kind) -> Response {
     // Parsing, the chat template and tokenizing a prompt of up to {MAX_BODY} bytes are
     // CPU work: off the async workers, and only {PREPARING} at once.
     let Ok(permit) = s.preparing.clone().try_acquire_owned() else {
         return overloaded(&s, "too many requests being prepared").into_response();
     };
-    let body = match read_body(body).await {
-        Ok(b) => b,
-        Err(e) => {
-            s.metrics.bad_requests.inc();
-            return e.into_response();
-        }
-    };
     let st = s.clone();
-    let r = blocking(move || {
-        let s = st;
-        let m = parse_body(&body)?;
-        let p = params(&s, &m)?;
-        let msgs = messages(&m)?;
-        let t = s.engine.chat.as_ref().ok_or_else(|| {
-            ApiError::bad(
-                "this model has no chat template; use /v1/completions",
-                Some("messages"),
-            )
-        })?;
-        let text = t
-            .render(&msgs)
-            .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
-        let ids = crate::tokenizer::encode(&s.engine.tokenizer, &text)
-            .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
-        Ok::<_, ApiError>((p, ids))
-    })
-    .await;
+    let r = match read_body(body).await {
+        Ok(body) => {
+            blocking(move || {
+                let m = parse_body(&body)?;
+                let p = params(&st, &m)?;
+                let ids = match kind {
+                    Kind::Chat => chat_prompt(&st, &m)?,
+                    Kind::Text => text_prompt(&st, &m)?,
+                };
+                Ok((p, ids))
+            })
+            .await
+        }
+        Err(e) => Err(e),
+    };
     drop(permit);
     match r {
-        Ok((p, ids)) => run(s, p, ids, Kind::Chat).await,
+        Ok((p, ids)) => run(s, p, ids, kind).await,
         Err(e) => {
             s.metrics.bad_requests.inc();
             e.into_response()
@@ -486,68 +484,58 @@ async fn chat(State(s): State<Arc<AppState>>, body: Body) -> Response {
     }
 }
 
-async fn completions(State(s): State<Arc<AppState>>, body: Body) -> Response {
-    // Parsing, the chat template and tokenizing a prompt of up to {MAX_BODY} bytes are
-    // CPU work: off the async workers, and only {PREPARING} at once.
-    let Ok(permit) = s.preparing.clone().try_acquire_owned() else {
-        return overloaded(&s, "too many requests being prepared").into_response();
+/// The token ids of a chat request: its messages through the model's chat template.
+fn chat_prompt(s: &AppState, m: &serde_json::Map<String, Value>) -> Result<Vec<u32>, ApiError> {
+    let msgs = messages(m)?;
+    let t = s.engine.chat.as_ref().ok_or_else(|| {
+        ApiError::bad(
+            "this model has no chat template; use /v1/completions",
+            Some("messages"),
+        )
+    })?;
+    let text = t
+        .render(&msgs)
+        .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
+    crate::tokenizer::encode(&s.engine.tokenizer, &text)
+        .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))
+}
+
+/// The token ids of a completions request: its prompt text, or the ids it gives.
+fn text_prompt(s: &AppState, m: &serde_json::Map<String, Value>) -> Result<Vec<u32>, ApiError> {
+    let bad = || {
+        ApiError::bad(
+            "'prompt' must be a string, an array of token ids, or an array of one string",
+            Some("prompt"),
+        )
     };
-    let body = match read_body(body).await {
-        Ok(b) => b,
-        Err(e) => {
-            s.metrics.bad_requests.inc();
-            return e.into_response();
-        }
-    };
-    let st = s.clone();
-    let r = blocking(move || {
-        let s = st;
-        let m = parse_body(&body)?;
-        let p = params(&s, &m)?;
-        let bad = || {
-            ApiError::bad(
-                "'prompt' must be a string, an array of token ids, or an array of one string",
-                Some("prompt"),
-            )
-        };
-        let ids = match get_present(&m, "prompt") {
-            None => return Err(ApiError::bad("'prompt' is required", Some("prompt"))),
-            Some(Value::String(t)) => s
-                .engine
-                .encode_prompt(t, false)
-                .map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))?,
-            Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => s
-                .engine
-                .encode_prompt(a[0].as_str().unwrap_or_default(), false)
-                .map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))?,
-            Some(Value::Array(a)) => {
-                let ids: Vec<u32> = a
-                    .iter()
-                    .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
-                    .collect::<Option<_>>()
-                    .ok_or_else(bad)?;
-                let vocab = s.engine.model.config.vocab;
-                if let Some(t) = ids.iter().find(|t| **t as usize >= vocab) {
-                    return Err(ApiError::bad(
-                        format!("token id {t} is outside the vocabulary of {vocab}"),
-                        Some("prompt"),
-                    ));
-                }
-                ids
+    let ids = match get_present(m, "prompt") {
+        None => return Err(ApiError::bad("'prompt' is required", Some("prompt"))),
+        Some(Value::String(t)) => s
+            .engine
+            .encode_prompt(t, false)
+            .map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))?,
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => s
+            .engine
+            .encode_prompt(a[0].as_str().unwrap_or_default(), false)
+            .map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))?,
+        Some(Value::Array(a)) => {
+            let ids: Vec<u32> = a
+                .iter()
+                .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
+                .collect::<Option<_>>()
+                .ok_or_else(bad)?;
+            let vocab = s.engine.model.config.vocab;
+            if let Some(t) = ids.iter().find(|t| **t as usize >= vocab) {
+                return Err(ApiError::bad(
+                    format!("token id {t} is outside the vocabulary of {vocab}"),
+                    Some("prompt"),
+                ));
             }
-            Some(_) => return Err(bad()),
-        };
-        Ok::<_, ApiError>((p, ids))
-    })
-    .await;
-    drop(permit);
-    match r {
-        Ok((p, ids)) => run(s, p, ids, Kind::Text).await,
-        Err(e) => {
-            s.metrics.bad_requests.inc();
-            e.into_response()
+            ids
         }
-    }
+        Some(_) => return Err(bad()),
+    };
+    Ok(ids)
 }
 
 /// Runs `f` on the blocking pool.

@@ -293,11 +293,13 @@ impl Scheduler {
         }
     }
 
-    fn accept(&mut self, job: Job) {
-        let prompt_len = job.prompt.len();
+    fn accept(&mut self, mut job: Job) {
+        // The prompt moves into `tokens`, where generated tokens are appended.
+        let tokens = std::mem::take(&mut job.prompt);
+        let prompt_len = tokens.len();
         let sampler = Sampler::new(job.sampling);
         self.waiting.push_back(Active {
-            tokens: job.prompt.clone(),
+            tokens,
             seq: Sequence::new(),
             pin: None,
             stored_pages: 0,
