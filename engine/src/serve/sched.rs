@@ -546,7 +546,11 @@ impl Scheduler {
                 finished.push((i, Finish::Length));
             }
         }
+        if finished.is_empty() {
+            return Ok(());
+        }
         finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        let mut done = Vec::with_capacity(finished.len());
         for (i, why) in finished {
             let mut a = self.running.remove(i);
             self.pool.release(&mut a.seq);
@@ -554,6 +558,12 @@ impl Scheduler {
             a.usage.completion_tokens = a.generated;
             self.metrics
                 .finished(why, a.job.arrived.elapsed(), &a.usage);
+            done.push((a, why));
+        }
+        // The gauges first: a client that reads /metrics right after its response sees its
+        // request gone and its pages released.
+        self.publish();
+        for (a, why) in done {
             let _ = a.job.events.send(Event::Done(why, a.usage.clone()));
         }
         Ok(())
